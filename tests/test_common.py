@@ -1,0 +1,281 @@
+"""common.py: log-probs against naive computations, masks, the task, data files, model loading, checkpoints."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+from transformers import GenerationConfig
+
+import common
+
+
+# ---- per-token log-probs -------------------------------------------------------------------------------------------
+
+def naive_logprobs_and_entropy(logits, targets, temperature):
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_naive_log_softmax_values_and_gradients(temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    w_lp, w_h = torch.randn(3, 5), torch.randn(3, 5)  # arbitrary upstream gradients for both outputs
+
+    lp, h = common.token_logprobs(logits, targets, temperature)
+    (grad,) = torch.autograd.grad((lp * w_lp + h * w_h).sum(), logits)
+    lp_ref, h_ref = naive_logprobs_and_entropy(logits, targets, temperature)
+    (grad_ref,) = torch.autograd.grad((lp_ref * w_lp + h_ref * w_h).sum(), logits)
+
+    torch.testing.assert_close(lp, lp_ref)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_token_logprobs_of_bf16_logits_are_computed_in_fp32():
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 4, 50) * 5).bfloat16()
+    targets = torch.randint(0, 50, (2, 4))
+    lp, _ = common.token_logprobs(logits, targets)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, naive_logprobs_and_entropy(logits.float(), targets, 1.0)[0])
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "left"
+    model = make_model(tokenizer)
+    prompts = ["What is 1+1?", "Hi", "a much longer prompt, to force padding"]
+    completions = ["2", "hello there", "ok"]
+    prompt_ids, prompt_mask = common.encode_prompts(tokenizer, prompts)
+    completion_ids, completion_mask = common.encode_completions(tokenizer, completions)
+    return model, tokenizer, prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def test_completion_logprobs_equal_unpadded_full_log_softmax(model_and_batch):
+    """Each row of the padded batch (left-padded prompt, right-padded completion) against the row scored alone,
+    with no padding at all, through a plain full-vocabulary log_softmax."""
+    model, _, prompt_ids, prompt_mask, completion_ids, completion_mask = model_and_batch
+    lp, _ = common.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.9)
+    for i in range(len(prompt_ids)):
+        p, c = prompt_ids[i][prompt_mask[i].bool()], completion_ids[i][completion_mask[i].bool()]
+        seq = torch.cat([p, c])[None]
+        logp = torch.log_softmax(model(seq).logits[0, :-1] / 0.9, -1)
+        expected = logp[len(p) - 1:].gather(-1, c[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[i, :len(c)], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_logprobs_identical_with_left_and_right_padding(model_and_batch):
+    """Move the split between 'prompt' (left-padded) and 'completion' (right-padded): the same tokens get the same
+    log-probs whether the padding sits on their left or their right."""
+    model, _, prompt_ids, prompt_mask, completion_ids, completion_mask = model_and_batch
+    rows = [torch.cat([p[pm.bool()], c[cm.bool()]]).tolist()
+            for p, pm, c, cm in zip(prompt_ids, prompt_mask, completion_ids, completion_mask)]
+    results = []
+    for split in (1, 5):  # 1: everything right-padded; 5: mostly left-padded
+        p_ids, p_mask = common._pad([r[:split] for r in rows], 0, left=True, device="cpu")
+        c_ids, c_mask = common._pad([r[split:] for r in rows], 0, left=False, device="cpu")
+        lp, _ = common.completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
+        results.append([lp[i, 5 - split:c_mask[i].sum()] for i in range(len(rows))])  # tokens 5.. of each row
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_tokens_are_scored_with_the_distribution_they_were_drawn_from(model_and_batch):
+    """generate() with temperature, left padding, top_k off: its processed scores equal completion_logprobs."""
+    model, tokenizer, prompt_ids, prompt_mask, _, _ = model_and_batch
+    torch.manual_seed(0)
+    config = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              return_dict_in_generate=True, output_scores=True)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    mask, _ = common.mask_after_eos(completion_ids, [tokenizer.eos_token_id])
+    scores = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    lp, _ = common.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask, 0.7)
+    torch.testing.assert_close(lp * mask, scores * mask, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_ignores_the_checkpoints_sampling_defaults(model_and_batch):
+    """A generation config asking for top_k=1 would make sampling greedy; ours must sample from the full softmax."""
+    model, tokenizer, prompt_ids, prompt_mask, _, _ = model_and_batch
+    model.generation_config.top_k, model.generation_config.do_sample = 1, True
+    try:
+        torch.manual_seed(0)
+        runs = {tuple(common.generate(model, tokenizer, prompt_ids[:1], prompt_mask[:1], 6, 1.0)[0][0].tolist())
+                for _ in range(5)}
+    finally:
+        model.generation_config.top_k = None
+    assert len(runs) > 1
+
+
+# ---- masks -----------------------------------------------------------------------------------------------------
+
+def test_completion_mask_keeps_the_first_eos_when_pad_is_eos():
+    tokenizer = make_tokenizer()
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    ids, mask = common.encode_completions(tokenizer, ["12", "3"])
+    eos = tokenizer.eos_token_id
+    assert ids[1].tolist() == tokenizer("3").input_ids + [eos, eos]  # EOS, then a pad that is also EOS
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+    generated = torch.tensor([[5, 6, eos, eos, eos], [eos, eos, eos, eos, eos], [5, 6, 7, 8, 9]])
+    mask, truncated = common.mask_after_eos(generated, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_prompts_without_chat_template_are_plain_text():
+    tokenizer = make_tokenizer(chat_template=False)
+    ids, mask = common.encode_prompts(tokenizer, ["1+1=", [{"role": "user", "content": "hi"}]])
+    assert tokenizer.decode(ids[0][mask[0].bool()]) == "1+1=\n"
+    assert tokenizer.decode(ids[1][mask[1].bool()]) == "hi\n"
+    templated = make_tokenizer()
+    assert common.render_prompt(templated, "hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ---- the task --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("59 + 63 = 122", "122"), ("The answer is -7.", "-7"), ("5-3=2", "2"), ("x = 1,234 apples", "1234"),
+    ("122 is the sum", "122"), ("It is 78.0", "78"), ("no number here", None), ("", None), ("-0", "0"),
+])
+def test_parse_number(text, expected):
+    result = common.parse_number(text)
+    assert (result is None) if expected is None else (result == common.Decimal(expected))
+
+
+def test_is_correct_compares_numbers_not_strings():
+    assert common.is_correct("So 23 + 45 = 68.", "68")
+    assert common.is_correct("-12", -12)
+    assert common.is_correct("68 is the answer to 23 + 46", "46")  # the last number is the answer
+    assert not common.is_correct("I don't know", "68")
+
+
+def test_eval_split_is_fixed_and_disjoint_from_train():
+    eval_set = common.eval_problems(200, digits=2, ops="+-*")
+    assert eval_set == common.eval_problems(200, digits=2, ops="+-*")
+    assert len({p["prompt"] for p in eval_set}) == 200
+    train = common.arithmetic_problems("train", digits=2, ops="+-*", seed=3)
+    train_prompts = {next(train)["prompt"] for _ in range(20_000)}
+    assert not train_prompts & {p["prompt"] for p in eval_set}
+    for p in eval_set[:20]:
+        a, op, b = p["prompt"].split()[1:4]
+        assert int(p["answer"]) == common.OPS[op](int(a), int(b.rstrip(".")))
+
+
+def test_one_digit_eval_split_is_small_but_finite():
+    assert 0 < len(common.eval_problems(200, digits=1)) < 30
+
+
+# ---- data files ------------------------------------------------------------------------------------------------
+
+def write(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": 2'], "data.jsonl:2: not valid JSON"),
+    (['{"prompt": "a", "answer": 1}', '', '{"prompt": "b"}'], "data.jsonl:3: missing field(s) answer"),
+    (['[1, 2]'], "data.jsonl:1: expected a JSON object"),
+    (['{"prompt": "a", "answer": "many"}'], "data.jsonl:1: 'answer' = 'many' holds no number"),
+    (['{"prompt": 3, "answer": 3}'], "data.jsonl:1: 'prompt' must be a string or"),
+    ([''], "no rows"),
+])
+def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        common.read_jsonl(write(tmp_path, lines), ("prompt", "answer"))
+
+
+def test_jsonl_rows_load_and_stream_reshuffles_every_epoch(tmp_path):
+    path = write(tmp_path, [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(5)])
+    stream = common.problem_stream(str(path), 2, "+", seed=0)
+    epochs = [[next(stream)["answer"] for _ in range(5)] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(5))
+
+
+def test_missing_data_file_fails_before_any_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
+        common.problem_stream(str(tmp_path / "nope.jsonl"), 2, "+", seed=0)
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, message", [
+    ("./no/such/dir", "no such directory"), ("/tmp/missing-model.gguf", "no such .gguf file"),
+])
+def test_unknown_model_path_is_a_clear_error(name, message):
+    with pytest.raises(FileNotFoundError, match=message):
+        common.load_model(name)
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        common.load_model(str(tmp_path))
+
+
+def test_loaded_model_pads_left_and_has_no_dropout(tiny_model_dir):
+    model, tokenizer = common.load_model(tiny_model_dir)
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    model, tokenizer = common.load_model(tiny_model_dir)
+    target = tmp_path / "checkpoint"
+    common.save_pretrained(model, tokenizer, target, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+    monkeypatch.setattr(tokenizer, "save_pretrained", crash)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_pretrained(model, tokenizer, target, {"step": 2})
+    assert common.load_trainer_state(common.find_checkpoint(str(tmp_path)))["step"] == 1
+    reloaded, _ = common.load_model(str(target))
+    assert not torch.equal(next(reloaded.parameters()), next(model.parameters()))
+
+
+def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, tiny_model_dir):
+    model, tokenizer = common.load_model(tiny_model_dir)
+    common.save_pretrained(model, tokenizer, tmp_path / "checkpoint", {"step": 7})
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # the state right after the first rename
+    assert common.find_checkpoint(str(tmp_path)) == tmp_path / "checkpoint.old"
+
+
+def test_resume_restores_the_random_state(tmp_path, tiny_model_dir):
+    model, tokenizer = common.load_model(tiny_model_dir)
+    torch.manual_seed(5)
+    random.seed(5)
+    common.save_pretrained(model, tokenizer, tmp_path / "checkpoint", {"step": 3})
+    expected = torch.rand(3), random.random()
+    common.load_trainer_state(tmp_path / "checkpoint")
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        common.find_checkpoint(str(tmp_path))
+
+
+# ---- the embedded default model (real SmolLM2 weights; fetched and converted on first use) ------------------------
+
+@pytest.mark.slow
+def test_default_model_loads_and_answers():
+    model, tokenizer = common.load_model(common.DEFAULT_MODEL)
+    assert model.config.model_type == "llama" and not hasattr(model.config, "quantization_config")
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    prompt_ids, prompt_mask = common.encode_prompts(tokenizer, ["Compute 2 + 3. Reply with only the final answer."])
+    ids, mask, truncated = common.generate(model, tokenizer, prompt_ids, prompt_mask, 16, greedy=True)
+    text = common.decode(tokenizer, ids, mask)[0]
+    assert not truncated[0] and common.is_correct(text, "5"), text

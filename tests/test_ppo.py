@@ -1,0 +1,201 @@
+"""ppo.py and reward.py: GAE against the direct sum, rewards, clipping, the critic, [BT], learning end to end."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import common
+import ppo
+import reward
+
+MASK = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+
+
+def direct_gae(rewards, values, mask, gamma, lam):
+    """sum_l (gamma lam)^l delta_t+l with delta_t = r_t + gamma V_t+1 - V_t and V = 0 past each row's end."""
+    out = torch.zeros_like(rewards)
+    for i in range(len(rewards)):
+        n = int(mask[i].sum())
+        v = [values[i, t].item() for t in range(n)] + [0.0]
+        delta = [rewards[i, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            out[i, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
+    return out
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("lam", [0.0, 0.95, 1.0])
+def test_gae_equals_the_direct_sum_on_ragged_rows(gamma, lam):
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 5) * MASK, torch.randn(3, 5)
+    advantages, returns = ppo.gae(rewards, values, MASK, gamma, lam)
+    torch.testing.assert_close(advantages, direct_gae(rewards, values, MASK, gamma, lam))
+    torch.testing.assert_close(returns, (advantages + values) * MASK)  # [RETURNS]
+
+
+def test_gae_lambda_zero_is_the_td_error():
+    torch.manual_seed(1)
+    rewards, values = torch.randn(3, 5) * MASK, torch.randn(3, 5) * MASK
+    advantages, _ = ppo.gae(rewards, values, MASK, 0.9, 0.0)
+    next_values = torch.cat([values[:, 1:], torch.zeros(3, 1)], 1) * MASK  # V(s_T) = 0 after the last token
+    torch.testing.assert_close(advantages, (rewards + 0.9 * next_values - values) * MASK)
+
+
+def test_gae_lambda_one_is_monte_carlo_return_minus_value():
+    torch.manual_seed(2)
+    rewards, values = torch.randn(3, 5) * MASK, torch.randn(3, 5) * MASK
+    advantages, returns = ppo.gae(rewards, values, MASK, 0.9, 1.0)
+    mc = torch.zeros(3, 5)
+    for i in range(3):
+        for t in range(5):
+            mc[i, t] = sum(0.9 ** (u - t) * rewards[i, u] for u in range(t, 5))
+    torch.testing.assert_close(advantages, (mc - values) * MASK)
+    torch.testing.assert_close(returns, mc * MASK)  # the value target is the Monte-Carlo return
+
+
+def test_score_lands_on_the_last_real_token_and_kl_on_every_token():
+    """pad == EOS: rows 0 and 1 end in EOS followed by pad ids equal to it; the score must sit on the first one."""
+    kl = torch.full((3, 5), 2.0)
+    rewards = ppo.token_rewards(torch.tensor([1.0, -1.0, 3.0]), kl, MASK, beta=0.1)
+    expected = -0.2 * MASK.float()
+    expected[0, 3] += 1.0
+    expected[1, 1] -= 1.0
+    expected[2, 4] += 3.0
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_value_clipping_by_hand():
+    values, old, returns = torch.tensor([1.5, 0.1, -1.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2.0, 1.0, 0.5])
+    loss, clipped = ppo.value_loss(values, old, returns, clip_value=0.2)
+    # row 0: unclipped (1.5-2)^2 = .25, clipped V = 1.2: (1.2-2)^2 = .64 -> .64
+    # row 1: unclipped (0.1-1)^2 = .81, clipped V = 0.1 (inside): .81
+    # row 2: unclipped (-1-.5)^2 = 2.25, clipped V = -0.2: (-.2-.5)^2 = .49 -> 2.25
+    torch.testing.assert_close(loss, 0.5 * torch.tensor([0.64, 0.81, 2.25]))
+    assert clipped.tolist() == [True, False, False]
+    unclipped_loss, _ = ppo.value_loss(values, old, returns, clip_value=None)
+    torch.testing.assert_close(unclipped_loss, 0.5 * (values - returns) ** 2)
+
+
+@pytest.mark.parametrize("log_ratio, advantage, has_gradient", [
+    (0.5, 1.0, False), (-0.5, -1.0, False), (0.05, 1.0, True), (-0.5, 1.0, True), (0.5, -1.0, True),
+])
+def test_ppo_clip_zero_gradient_region(log_ratio, advantage, has_gradient):
+    logprobs = torch.tensor([log_ratio], requires_grad=True)
+    loss, _ = ppo.policy_loss(logprobs, torch.zeros(1), torch.tensor([advantage]), 0.2)
+    loss.sum().backward()
+    assert (logprobs.grad.abs().item() > 0) == has_gradient
+
+
+def test_adaptive_beta_moves_towards_the_target_and_is_bounded():
+    assert ppo.adaptive_beta(0.1, kl=2.0, target_kl=1.0, horizon=100, n_samples=10) == pytest.approx(0.1 * 1.02)
+    assert ppo.adaptive_beta(0.1, kl=0.5, target_kl=1.0, horizon=100, n_samples=10) == pytest.approx(0.1 * 0.98)
+    assert ppo.adaptive_beta(0.1, kl=1.05, target_kl=1.0, horizon=100, n_samples=10) == pytest.approx(0.1 * 1.005)
+
+
+def test_explained_variance_of_perfect_and_constant_critics():
+    torch.manual_seed(0)
+    returns = torch.randn(3, 5) * MASK
+    assert ppo.explained_variance(returns, returns, MASK) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.zeros(3, 5), returns, MASK) == pytest.approx(
+        1 - ((returns - 0)[MASK.bool()].var(correction=0) / returns[MASK.bool()].var(correction=0)).item())
+    assert ppo.explained_variance(torch.zeros(3, 5), torch.zeros(3, 5), MASK) is None
+
+
+def test_critic_starts_at_zero_and_reads_the_state_before_each_token(tiny_model_dir):
+    model, tokenizer = common.load_model(tiny_model_dir)
+    critic = ppo.Critic(model.base_model, model.config.hidden_size)
+    batch = (*common.encode_prompts(tokenizer, ["a", "bbb"]), *common.encode_completions(tokenizer, ["1", "22"]))
+    assert critic(*batch).abs().max() == 0
+    torch.nn.init.normal_(critic.head.weight)
+    values = critic(*batch)
+    assert values.shape == batch[2].shape
+    # V(s_0) depends on the prompt only: changing the first completion token leaves it unchanged
+    other = batch[2].clone()
+    other[:, 0] = tokenizer.convert_tokens_to_ids("9")
+    torch.testing.assert_close(critic(batch[0], batch[1], other, batch[3])[:, 0], values[:, 0])
+
+
+# ---- [BT] reward model -----------------------------------------------------------------------------------------------
+
+def test_bradley_terry_loss_by_hand():
+    loss = reward.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(loss, torch.tensor([math.log(1 + math.exp(-1)), math.log(2)]))
+
+
+def pair_files(tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        a = rng.randint(0, 9)
+        good, bad = f"yes {a}", f"no {a}"
+        rows.append({"prompt": f"Is {a} fine?", "chosen": good, "rejected": bad} if i % 2 else
+                    {"prompt": f"Is {a} fine?", "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": bad}]})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    return str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+
+
+def test_reward_model_learns_to_rank_toy_pairs(tmp_path, tiny_model_dir):
+    data, eval_data = pair_files(tmp_path)
+    last = reward.main(reward.Args(model=tiny_model_dir, data=data, eval_data=eval_data,
+                                   output_dir=str(tmp_path / "rm"), max_steps=30, batch_size=16, micro_batch_size=8,
+                                   learning_rate=3e-3, warmup_steps=2, eval_every=30))
+    log = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
+    assert log[0]["eval_pair_accuracy"] == 0.0  # zero head: every score is 0, no pair is ranked yet
+    assert last["eval_pair_accuracy"] == 1.0 and last["loss"] < 0.1
+
+
+def test_bad_pair_rows_name_file_and_line(tmp_path, tiny_model_dir):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: 'rejected' must be text or chat messages"):
+        reward.main(reward.Args(model=tiny_model_dir, data=str(path), output_dir=str(tmp_path / "rm")))
+
+
+# ---- learning, end to end -------------------------------------------------------------------------------------------
+
+def toy_args(tmp_path, model_dir, **kw):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
+    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+                    max_steps=60, batch_size=32, mini_batch_size=16, micro_batch_size=16, learning_rate=2e-3,
+                    max_new_tokens=3, temperature=1.0, eval_every=0, save_every=1000)
+    return ppo.Args(**{**defaults, **kw})
+
+
+def logged(tmp_path, key):
+    return [json.loads(line)[key] for line in open(tmp_path / "run" / "metrics.jsonl")]
+
+
+def test_ppo_learns_the_toy_task_and_its_critic_explains_the_returns(tmp_path, tiny_model_dir):
+    ppo.main(toy_args(tmp_path, tiny_model_dir))
+    rewards = logged(tmp_path, "reward_mean")
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.8
+    explained = [v for v in logged(tmp_path, "explained_variance")[-10:] if v is not None]
+    assert sum(explained) / len(explained) > 0.1
+
+
+def test_ppo_with_a_shared_backbone_learns(tmp_path, tiny_model_dir):
+    ppo.main(toy_args(tmp_path, tiny_model_dir, shared_backbone=True))
+    assert sum(logged(tmp_path, "reward_mean")[-4:]) / 4 > 0.8
+
+
+def test_ppo_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, monkeypatch):
+    original = ppo.whiten
+    monkeypatch.setattr(ppo, "whiten", lambda *a, **k: -original(*a, **k))
+    ppo.main(toy_args(tmp_path, tiny_model_dir))
+    assert sum(logged(tmp_path, "reward_mean")[-8:]) / 8 < 0.05
+
+
+def test_ppo_runs_with_a_reward_model_from_reward_py(tmp_path, tiny_model_dir):
+    data, eval_data = pair_files(tmp_path)
+    reward.main(reward.Args(model=tiny_model_dir, data=data, eval_data=eval_data, output_dir=str(tmp_path / "rm"),
+                            max_steps=2, batch_size=8, micro_batch_size=8, eval_every=0))
+    last = ppo.main(toy_args(tmp_path, tiny_model_dir, reward_model=str(tmp_path / "rm" / "final"), max_steps=2,
+                             target_kl=0.1, early_stop_kl=1.0))
+    assert math.isfinite(last["reward_mean"]) and last["beta"] != 0.05  # scored by the model, beta adapted

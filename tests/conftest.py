@@ -3,6 +3,7 @@
 The tokenizer mimics SmolLM2's: a ChatML chat template, and pad == EOS == <|im_end|>, the case where masks built
 from `ids == pad` would hide the EOS a model has to learn."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -52,3 +53,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     make_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def toy_task(tmp_path) -> str:
+    """The RL toy task as a JSONL file: whatever the prompt says, answer 7. A random tiny model says it ~2% of the
+    time, so learning shows as the reward going from near 0 to near 1."""
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
+    return str(path)
+
+
+def logged(run_dir, key: str) -> list:
+    """One metric from every line of a run's metrics.jsonl (None where the line lacks it)."""
+    return [json.loads(line).get(key) for line in open(Path(run_dir) / "metrics.jsonl")]

@@ -46,14 +46,14 @@ def test_gradient_step_pushes_chosen_up_and_rejected_down(average):
     pairs = [{"prompt": "Say 7.", "chosen": "7", "rejected": "seven, I think"},
              {"prompt": "Say 1.", "chosen": "1 it is", "rejected": "2"}]
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.pair_logprobs(model, tokenizer, pairs, "cpu", average)
-    chosen, rejected = dpo.pair_logprobs(model, tokenizer, pairs, "cpu", average)
+        ref_chosen, ref_rejected = dpo.pair_logprobs(model, dpo.encode_pairs(tokenizer, pairs, "cpu"), average)
+    chosen, rejected = dpo.pair_logprobs(model, dpo.encode_pairs(tokenizer, pairs, "cpu"), average)
     loss, _, _ = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
     loss.mean().backward()
     with torch.no_grad():
         for p in model.parameters():
             p -= 0.05 * p.grad
-        new_chosen, new_rejected = dpo.pair_logprobs(model, tokenizer, pairs, "cpu", average)
+        new_chosen, new_rejected = dpo.pair_logprobs(model, dpo.encode_pairs(tokenizer, pairs, "cpu"), average)
     assert (new_chosen > ref_chosen).all() and (new_rejected < ref_rejected).all()
 
 

@@ -1,11 +1,10 @@
 """grpo.py: each equation against an independent computation, then learning end to end, then bad input."""
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import logged, make_model, make_tokenizer, toy_task
 
 import common
 import grpo
@@ -144,22 +143,16 @@ def test_reward_checks_the_answer_and_optionally_the_format(completion, fmt, exp
 # ---- learning, end to end -------------------------------------------------------------------------------------------
 
 def toy_args(tmp_path, model_dir, **kw):
-    """The toy task: whatever the prompt says, answer 7. A random tiny model emits it by chance ~5% of the time."""
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
-    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+    data = toy_task(tmp_path)
+    defaults = dict(model=model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
                     max_steps=40, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=2e-2,
                     max_new_tokens=3, temperature=1.0, eval_every=0, beta=0.0, save_every=1000)
     return grpo.Args(**{**defaults, **kw})
 
 
-def rewards_logged(tmp_path):
-    return [json.loads(line)["reward_mean"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-
-
 def test_grpo_learns_the_toy_task(tmp_path, tiny_model_dir):
     grpo.main(toy_args(tmp_path, tiny_model_dir))
-    rewards = rewards_logged(tmp_path)
+    rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.8
 
@@ -168,7 +161,7 @@ def test_grpo_with_several_iterations_kl_and_clip_higher_learns(tmp_path, tiny_m
     """The off-policy path: mu = 2 passes, 2 mini-batches (4 optimiser steps per batch), pi_old and pi_ref scored."""
     last = grpo.main(toy_args(tmp_path, tiny_model_dir, num_iterations=2, mini_batch_size=32, learning_rate=1e-2,
                               beta=0.01, clip_eps_high=0.28, max_steps=30))
-    rewards = rewards_logged(tmp_path)
+    rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[-4:]) / 4 > 0.9
     assert last["kl"] > 0 and last["clip_frac_low"] + last["clip_frac_high"] >= 0
 
@@ -178,7 +171,7 @@ def test_grpo_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, m
     original = grpo.group_advantages
     monkeypatch.setattr(grpo, "group_advantages", lambda *a, **k: -original(*a, **k))
     grpo.main(toy_args(tmp_path, tiny_model_dir))
-    assert sum(rewards_logged(tmp_path)[-8:]) / 8 < 0.05
+    assert sum(logged(tmp_path / "run", "reward_mean")[-8:]) / 8 < 0.05
 
 
 def test_grpo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):

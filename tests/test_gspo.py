@@ -1,11 +1,10 @@
 """gspo.py: the sequence ratio, when GSPO equals GRPO and when it does not, learning end to end."""
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import logged, make_model, make_tokenizer, toy_task
 
 import common
 import grpo
@@ -114,22 +113,17 @@ def test_gspo_clips_the_sequence_ratio_with_its_tight_range(mean_log_ratio, adva
 
 
 def toy_args(tmp_path, model_dir, **kw):
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
-    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+    data = toy_task(tmp_path)
+    defaults = dict(model=model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
                     max_steps=40, batch_size=8, group_size=8, micro_batch_size=16, learning_rate=2e-2,
                     max_new_tokens=3, temperature=1.0, eval_every=0, save_every=1000)
     return gspo.Args(**{**defaults, **kw})
 
 
-def rewards_logged(tmp_path):
-    return [json.loads(line)["reward_mean"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-
-
 @pytest.mark.parametrize("token_level", [False, True])
 def test_gspo_learns_the_toy_task(tmp_path, tiny_model_dir, token_level):
     gspo.main(toy_args(tmp_path, tiny_model_dir, token_level=token_level))
-    rewards = rewards_logged(tmp_path)
+    rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.9
 
@@ -138,4 +132,4 @@ def test_gspo_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, m
     original = gspo.group_advantages
     monkeypatch.setattr(gspo, "group_advantages", lambda *a, **k: -original(*a, **k))
     gspo.main(toy_args(tmp_path, tiny_model_dir))
-    assert sum(rewards_logged(tmp_path)[-8:]) / 8 < 0.05
+    assert sum(logged(tmp_path / "run", "reward_mean")[-8:]) / 8 < 0.05

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import logged, toy_task
 
 import common
 import ppo
@@ -159,37 +160,32 @@ def test_bad_pair_rows_name_file_and_line(tmp_path, tiny_model_dir):
 # ---- learning, end to end -------------------------------------------------------------------------------------------
 
 def toy_args(tmp_path, model_dir, **kw):
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
-    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+    data = toy_task(tmp_path)
+    defaults = dict(model=model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
                     max_steps=60, batch_size=32, mini_batch_size=16, micro_batch_size=16, learning_rate=2e-3,
                     max_new_tokens=3, temperature=1.0, eval_every=0, save_every=1000)
     return ppo.Args(**{**defaults, **kw})
 
 
-def logged(tmp_path, key):
-    return [json.loads(line)[key] for line in open(tmp_path / "run" / "metrics.jsonl")]
-
-
 def test_ppo_learns_the_toy_task_and_its_critic_explains_the_returns(tmp_path, tiny_model_dir):
     ppo.main(toy_args(tmp_path, tiny_model_dir))
-    rewards = logged(tmp_path, "reward_mean")
+    rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.8
-    explained = [v for v in logged(tmp_path, "explained_variance")[-10:] if v is not None]
+    explained = [v for v in logged(tmp_path / "run", "explained_variance")[-10:] if v is not None]
     assert sum(explained) / len(explained) > 0.1
 
 
 def test_ppo_with_a_shared_backbone_learns(tmp_path, tiny_model_dir):
     ppo.main(toy_args(tmp_path, tiny_model_dir, shared_backbone=True))
-    assert sum(logged(tmp_path, "reward_mean")[-4:]) / 4 > 0.8
+    assert sum(logged(tmp_path / "run", "reward_mean")[-4:]) / 4 > 0.8
 
 
 def test_ppo_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, monkeypatch):
     original = ppo.whiten
     monkeypatch.setattr(ppo, "whiten", lambda *a, **k: -original(*a, **k))
     ppo.main(toy_args(tmp_path, tiny_model_dir))
-    assert sum(logged(tmp_path, "reward_mean")[-8:]) / 8 < 0.05
+    assert sum(logged(tmp_path / "run", "reward_mean")[-8:]) / 8 < 0.05
 
 
 def test_ppo_runs_with_a_reward_model_from_reward_py(tmp_path, tiny_model_dir):

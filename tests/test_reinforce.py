@@ -1,9 +1,9 @@
 """reinforce.py: returns and baselines by hand and brute force, baseline invariance measured, learning end to end."""
 
-import json
 
 import pytest
 import torch
+from conftest import logged, toy_task
 
 import reinforce
 
@@ -85,22 +85,17 @@ def test_baseline_leaves_the_gradient_unbiased_and_lowers_its_variance():
 
 
 def toy_args(tmp_path, model_dir, **kw):
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {d}.", "answer": 7}) + "\n" for d in range(10)))
-    defaults = dict(model=model_dir, data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"),
+    data = toy_task(tmp_path)
+    defaults = dict(model=model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
                     max_steps=60, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=5e-3,
                     max_new_tokens=3, temperature=1.0, eval_every=0, save_every=1000)
     return reinforce.Args(**{**defaults, **kw})
 
 
-def rewards_logged(tmp_path):
-    return [json.loads(line)["reward_mean"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-
-
 @pytest.mark.parametrize("baseline", ["none", "mean", "rloo", "reinforce++"])
 def test_reinforce_learns_the_toy_task(tmp_path, tiny_model_dir, baseline):
     last = reinforce.main(toy_args(tmp_path, tiny_model_dir, baseline=baseline))
-    rewards = rewards_logged(tmp_path)
+    rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.8
     assert (last["kl"] > 0) == (baseline == "reinforce++")  # the reference model is used only where KL is on
@@ -110,7 +105,7 @@ def test_reinforce_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_d
     original = reinforce.advantages_for
     monkeypatch.setattr(reinforce, "advantages_for", lambda *a, **k: -original(*a, **k))
     reinforce.main(toy_args(tmp_path, tiny_model_dir, baseline="rloo"))
-    assert sum(rewards_logged(tmp_path)[-8:]) / 8 < 0.05
+    assert sum(logged(tmp_path / "run", "reward_mean")[-8:]) / 8 < 0.05
 
 
 def test_rloo_needs_two_samples_per_prompt(tmp_path, tiny_model_dir):

@@ -2,9 +2,6 @@
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +9,6 @@ from conftest import make_model, make_tokenizer
 
 import common
 import sft
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_sft_loss_is_the_mean_nll_over_completion_tokens():
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], requires_grad=True)
@@ -124,9 +118,3 @@ def test_chat_messages_rows_train_on_the_last_assistant_message():
 def test_batch_size_must_be_a_multiple_of_micro_batch_size(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="--batch-size 8 must be a multiple of --micro-batch-size 3"):
         sft.main(tiny_args(tmp_path, tiny_model_dir, micro_batch_size=3))
-
-
-def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for field in sft.Args.__dataclass_fields__:
-        assert "--" + field.replace("_", "-") in out.stdout

@@ -1,0 +1,134 @@
+"""Train every algorithm on the default model and the built-in addition task, from the same starting model, with one
+stated step budget; write a markdown table and plots of what each one learned and what it cost.
+
+    python benchmarks/run.py                                  # all six, the settings below
+    python benchmarks/run.py --algorithms grpo dpo --steps 20 --out benchmarks/results-quick
+
+Each run goes through benchmarks/measure.py (wall time, peak memory) and leaves its own run directory under --out;
+a finished run is reused, so an interrupted benchmark continues where it stopped. Held-out accuracy is greedy, on
+the same --eval-size problems of the held-out split for every algorithm, before the first step and after the last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Per-algorithm settings: each script's defaults, with batch sizes chosen so that a step costs about the same on two
+# CPU cores (64 sampled completions for the RL scripts). SFT and DPO train on data from the same task: correct
+# answers, and pairs of the model's own right and wrong samples.
+SETTINGS = {
+    "sft": ["--batch-size", "32"],
+    "reinforce": ["--baseline", "rloo", "--batch-size", "8", "--group-size", "8", "--micro-batch-size", "16"],
+    "ppo": ["--batch-size", "64", "--mini-batch-size", "32", "--micro-batch-size", "16"],
+    "grpo": ["--batch-size", "8", "--group-size", "8", "--micro-batch-size", "16"],
+    "gspo": ["--batch-size", "8", "--group-size", "8", "--micro-batch-size", "16"],
+    "dpo": ["--num-prompts", "256", "--num-samples", "8", "--batch-size", "16"],
+}
+
+
+@dataclass
+class Args:
+    algorithms: tuple[str, ...] = ("sft", "reinforce", "ppo", "grpo", "gspo", "dpo")
+    """which scripts to run, in this order"""
+    steps: int = 40
+    """optimiser (SFT, DPO) or sampling (RL) steps for every algorithm"""
+    eval_every: int = 10
+    """steps between held-out evaluations"""
+    eval_size: int = 200
+    """held-out problems per evaluation"""
+    seed: int = 0
+    out: str = "benchmarks/results"
+    """where the run directories, results.json, results.md and the plots go"""
+    extra: list[str] = field(default_factory=list)
+    """more flags for every script, e.g. --extra=--dtype=bfloat16"""
+
+
+def run(algorithm: str, args: Args, out: Path) -> dict:
+    run_dir, cost_file = out / algorithm, out / f"{algorithm}.cost.json"
+    if not (cost_file.exists() and (run_dir / "final").exists()):
+        command = [sys.executable, str(ROOT / "benchmarks" / "measure.py"), str(cost_file), f"{algorithm}.py",
+                   *SETTINGS[algorithm], "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
+                   "--eval-size", str(args.eval_size), "--seed", str(args.seed), "--output-dir", str(run_dir),
+                   "--save-every", str(10 * args.steps), *args.extra]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+    log = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evals = [(m["step"], m["eval_accuracy"]) for m in log if "eval_accuracy" in m]
+    steps = [m for m in log if "step_time" in m]
+    mean = lambda key: sum(m[key] for m in steps if key in m) / max(1, sum(key in m for m in steps))  # noqa: E731
+    return {"algorithm": algorithm, "settings": " ".join(SETTINGS[algorithm]), **json.loads(cost_file.read_text()),
+            "accuracy_before": evals[0][1], "accuracy_after": evals[-1][1], "evals": evals,
+            "train_time_s": sum(m["step_time"] for m in steps), "step_time_s": mean("step_time"),
+            "sample_tokens_per_s": mean("sample_tokens_per_s") or None,
+            "train_tokens_per_s": mean("train_tokens_per_s"), "log": log}
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r in results:
+        steps, accuracy = zip(*r["evals"])
+        elapsed, total = {0: 0.0}, 0.0
+        for m in r["log"]:
+            total += m.get("step_time", 0.0)
+            elapsed[m["step"]] = total
+        axes[0].plot(steps, accuracy, marker="o", label=r["algorithm"])
+        axes[1].plot([elapsed[s] / 60 for s in steps], accuracy, marker="o", label=r["algorithm"])
+        train = [(m["step"], m["accuracy"]) for m in r["log"] if "accuracy" in m]
+        if train:
+            xs, ys = zip(*train)
+            window = 5
+            smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
+                      for i in range(len(ys))]
+            axes[2].plot(xs, smooth, label=r["algorithm"])
+    axes[0].set(xlabel="step", ylabel="held-out greedy accuracy", title="accuracy vs step")
+    axes[1].set(xlabel="training time (min, evaluation excluded)", ylabel="held-out greedy accuracy",
+                title="accuracy vs wall time")
+    axes[2].set(xlabel="step", ylabel="accuracy of sampled completions (5-step mean)", title="RL: reward vs step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+
+
+def table(results: list[dict]) -> str:
+    device = results[0]["device"]
+    memory = "peak CUDA memory (MiB)" if "peak_cuda_mib" in results[0] else "peak RSS (MiB)"
+    lines = [f"Device: {device}, {results[0]['threads']} threads. Same starting model, same held-out problems.", "",
+             f"| algorithm | held-out accuracy before -> after | steps | train time (min) | s / step | "
+             f"sampling tok/s | training tok/s | {memory} | settings |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        sample = f"{r['sample_tokens_per_s']:.0f}" if r["sample_tokens_per_s"] else "-"
+        peak = r.get("peak_cuda_mib", r["peak_rss_mib"])
+        lines.append(f"| {r['algorithm']} | {r['accuracy_before']:.1%} -> **{r['accuracy_after']:.1%}** | "
+                     f"{r['evals'][-1][0]} | {r['train_time_s'] / 60:.1f} | {r['step_time_s']:.1f} | {sample} | "
+                     f"{r['train_tokens_per_s']:.0f} | {peak:.0f} | `{r['settings']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run(algorithm, args, out) for algorithm in args.algorithms]
+    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "log"} for r in results],
+                                                 indent=2) + "\n")
+    (out / "results.md").write_text(table(results))
+    plot(results, out)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

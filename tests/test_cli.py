@@ -1,0 +1,29 @@
+"""Every script: `--help` runs and documents every flag."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["sft.py", "reinforce.py", "ppo.py", "reward.py", "grpo.py", "gspo.py", "dpo.py"]
+
+
+def args_fields(script: str) -> dict[str, bool]:
+    """Each field of the script's Args dataclass, and whether a docstring follows it."""
+    tree = ast.parse((ROOT / script).read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
+    return {n.target.id: isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            for n, nxt in zip(body, body[1:] + [None]) if isinstance(n, ast.AnnAssign)}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_documents_every_flag(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "200"}).stdout
+    fields = args_fields(script)
+    assert [name for name, documented in fields.items() if not documented] == []
+    assert [name for name in fields if "--" + name.replace("_", "-") not in out] == []

@@ -60,7 +60,7 @@ class Args:
     """preference pairs per optimiser step"""
     micro_batch_size: int = 8
     """pairs per forward/backward pass"""
-    learning_rate: float = 2e-6
+    learning_rate: float = 5e-6
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
     """linear warmup steps, then cosine decay to 10% of the peak"""
@@ -106,7 +106,7 @@ class Args:
     num_samples: int = 8
     """built-in pairs: k completions per prompt, sampled from the reference model"""
     held_out_pairs: float = 0.1
-    """fraction of pairs kept out of training, for the held-out preference accuracy"""
+    """fraction of pairs kept out of training, for the held-out preference accuracy; 0 trains on all of them"""
 
 
 # ---- the math -------------------------------------------------------------------------------------------------------
@@ -223,8 +223,10 @@ def main(args: Args) -> dict:
                       for p, c, r in zip(chunk, ref_chosen, ref_rejected)]
         rng.shuffle(pairs)
         pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    n_held_out = max(1, int(len(pairs) * args.held_out_pairs)) if len(pairs) > 1 else 0
+    n_held_out = min(len(pairs) - 1, max(1, round(len(pairs) * args.held_out_pairs))) if args.held_out_pairs else 0
     held_out, train_pairs = pairs[:n_held_out], pairs[n_held_out:]
+    tqdm.write(f"{len(train_pairs)} pairs to train on, {n_held_out} held out for the preference accuracy "
+               f"(--held-out-pairs {args.held_out_pairs})")
 
     def pair_batches(rng=random.Random(args.seed)):
         while True:  # shuffled epochs
@@ -239,7 +241,7 @@ def main(args: Args) -> dict:
                 chosen, rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device), args.average_logprobs)
             ref_margin = torch.tensor([p["ref_chosen"] - p["ref_rejected"] for p in chunk], device=device)
             wins += ((chosen - rejected) > ref_margin).sum().item()  # implicit reward of y_w above y_l
-        return wins / max(1, len(held_out))
+        return wins / len(held_out) if held_out else None
 
     # ---- 2. optimiser, resume ---------------------------------------------------------------------------------------
     if args.gradient_checkpointing:
@@ -290,12 +292,13 @@ def main(args: Args) -> dict:
                 sums[key] += value.detach().sum().item() / args.batch_size
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- 4. log, evaluate, save ----------------------------------------------------------------------------
         metrics = {"step": step + 1, **sums, "margin": sums["reward_chosen"] - sums["reward_rejected"],
-                   "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm.item(), "lr": lr,
                    "train_tokens_per_s": int(n_tokens / (time.time() - t0)), "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics.update(eval_accuracy=run_eval(), eval_pref_accuracy=held_out_accuracy())

@@ -274,6 +274,7 @@ def main(args: Args) -> dict:
                 stats["loss"].append(mini_loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         t_train = time.time() - t1
 
@@ -283,7 +284,7 @@ def main(args: Args) -> dict:
         metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std_fraction(rewards, G),
-                   "lr": scheduler.get_last_lr()[0], "completion_len": lengths.mean().item(),
+                   "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int(args.num_iterations * (prompt_mask.sum().item() + n_tokens) / t_train),

@@ -7,6 +7,7 @@ state, GAE turns TD errors into advantages, and PPO's clipped surrogate keeps ea
     r~_t     = -beta (log pi_old(o_t) - log pi_ref(o_t))  (+ score on the last token)            [RLHF-KL-REWARD]
     delta_t  = r~_t + gamma V_old(s_t+1) - V_old(s_t),   V(s_T) = 0 after the last token             [TD-ERROR]
     A_t      = sum_l (gamma lam)^l delta_t+l   (backwards: A_t = delta_t + gamma lam A_t+1)            [GAE]
+               an estimate of Q(s_t, o_t) - V(s_t): lam = 1 gives G_t - V(s_t), lam = 0 the TD error        [ADV]
     R_hat_t  = A_t + V_old(s_t)                                                                        [RETURNS]
     L_clip   = E_t[ min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ],  r_t = pi_theta / pi_old     [IS-RATIO] [PPO-CLIP]
     L_V      = E_t[ (V_phi(s_t) - R_hat_t)^2 ]  (optionally clipped around V_old)                      [PPO-VALUE]
@@ -327,9 +328,10 @@ def main(args: Args) -> dict:
                     with autocast(device, dtype):
                         logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
                         values = critic(*(t[mb] for t in sequences))
-                    pg, ratio = policy_loss(logprobs, old_logprobs[mb], advantages[mb], args.clip_eps)
-                    vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)
-                    per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy  # [PPO-TOTAL]
+                    pg, ratio = policy_loss(logprobs, old_logprobs[mb], advantages[mb], args.clip_eps)  # [PPO-CLIP]
+                    vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)  # [PPO-VALUE]
+                    # [PPO-TOTAL] -L_clip + c1 L_V - c2 S, with the entropy S of pi_theta at each state [PPO-ENTROPY]
+                    per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy
                     loss = (per_token * m).sum() / n_tok  # token mean over the mini-batch
                     loss.backward()
                     log_ratio = (logprobs - old_logprobs[mb]).detach()
@@ -346,6 +348,7 @@ def main(args: Args) -> dict:
                     stats[key].append(value)
             if args.early_stop_kl is not None and stats["approx_kl"][-1] > args.early_stop_kl:
                 break
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         t_train = time.time() - t1
         kl_per_completion = kl.sum(1).mean().item()
@@ -360,7 +363,7 @@ def main(args: Args) -> dict:
                    "accuracy": correct.mean().item(), "kl": masked_mean(kl, mask).item(),
                    "kl_per_completion": kl_per_completion, "beta": beta,
                    "explained_variance": explained_variance(old_values, returns, mask),
-                   "lr": scheduler.get_last_lr()[0], "completion_len": lengths.mean().item(),
+                   "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int(args.ppo_epochs * (prompt_mask.sum().item() + n_tokens) / t_train),

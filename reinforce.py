@@ -254,6 +254,7 @@ def main(args: Args) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         t_train = time.time() - t1
 
@@ -264,7 +265,7 @@ def main(args: Args) -> dict:
                    "reward_std": scores.std(correction=0).item(), "accuracy": correct.mean().item(),
                    "advantage_std": masked_mean(advantages ** 2, mask).sqrt().item(),
                    "kl": masked_mean(kl, mask).item() if kl is not None else 0.0, "entropy": fmean(entropies),
-                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "completion_len": lengths.mean().item(),
+                   "grad_norm": grad_norm, "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int((prompt_mask.sum().item() + n_tokens) / t_train),

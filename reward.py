@@ -212,12 +212,13 @@ def main(args: Args) -> dict:
             margins.append((chosen - rejected).detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": wins / args.batch_size,
                    "margin": torch.cat(margins).mean().item(), "grad_norm": grad_norm.item(),
-                   "lr": scheduler.get_last_lr()[0], "train_tokens_per_s": int(n_tokens / (time.time() - t0)),
+                   "lr": lr, "train_tokens_per_s": int(n_tokens / (time.time() - t0)),
                    "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_pair_accuracy"] = pairwise_accuracy()

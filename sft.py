@@ -163,12 +163,13 @@ def main(args: Args) -> dict:
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log, evaluate, save ----------------------------------------------------------------------------------
         metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm.item(),
-                   "lr": scheduler.get_last_lr()[0], "completion_len": num_tokens / args.batch_size,
+                   "lr": lr, "completion_len": num_tokens / args.batch_size,
                    "train_tokens_per_s": int((prompt_mask.sum() + num_tokens) / (time.time() - t0)),
                    "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):

@@ -3,7 +3,7 @@ same objective, same hyper-parameters; what each costs per step, how much memory
 the two compute the same loss and gradient.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/trl_compare.py --steps 4 --out benchmarks/trl         # ~1 h on 2 CPU cores
+    python benchmarks/trl_compare.py --steps 4 --out benchmarks/trl         # ~40 min on 2 CPU cores
     python benchmarks/trl_compare.py --pairs sft --steps 1 --rounds 1 --eval-size 10 --out /tmp/trl   # smoke test
 
 What it does, in order:
@@ -17,13 +17,17 @@ What it does, in order:
    pure functions (`sft_loss`, `dpo_loss`, `clipped_policy_loss` + `kl_k3` + `aggregate`, `completion_logprobs`) and
    from TRL's own loss code (`compute_loss` of each trainer, fed the trainer's own collated batch for SFT and DPO, and
    a hand-built inputs dict with fixed completions, advantages, old and reference log-probs for GRPO).
-3. Training runs, each in its own single-threaded subprocess, alternating ours and TRL for every pair and round. Ours
-   run through their real command lines under benchmarks/measure.py; TRL through the `_trl` worker below, which
-   records the same (wall time, peak RSS of the process) plus per-step times from a TrainerCallback (on_step_begin to
-   on_step_end), so that model loading is excluded on both sides, as it is from our `step_time`.
-4. Held-out greedy accuracy of every final model (and of the starting model), with `common.evaluate` on the same
+3. Training runs, each in its own single-threaded subprocess, alternating ours and TRL for every pair and round
+   (round r: seed + r on both sides). Ours run through their real command lines under benchmarks/measure.py; TRL
+   through the `_trl` worker below, which records the same (wall time, peak RSS of the process) plus per-step times
+   from a TrainerCallback (on_step_begin to on_step_end), so that model loading is excluded on both sides, as it is
+   from our `step_time`.
+4. GRPO once more on both sides with identical samples (the `_same` worker: both sample through `common.generate`
+   with the RNG seeded alike before every step): per-step rewards and final weights must agree if everything but the
+   sampling does; this tells sampling luck from a real difference in the held-out accuracy of step 3.
+5. Held-out greedy accuracy of every final model (and of the starting model), with `common.evaluate` on the same
    `common.eval_problems(N)`, in one more subprocess.
-5. <out>/trl_compare.md and <out>/trl_compare.json; the table is printed.
+6. <out>/trl_compare.md and <out>/trl_compare.json; the table is printed.
 
 A finished run (its settings unchanged) is reused, so an interrupted comparison continues where it stopped.
 """
@@ -41,6 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -56,8 +61,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 
 @dataclass
 class Args:
-    pairs: tuple[str, ...] = ("grpo", "dpo", "sft")
-    """which comparisons to run: grpo (grpo.py vs GRPOTrainer), dpo (dpo.py vs DPOTrainer), sft (sft.py vs SFTTrainer)"""
+    pairs: tuple[Literal["grpo", "dpo", "sft"], ...] = ("grpo", "dpo", "sft")
+    """which comparisons to run: grpo.py vs GRPOTrainer, dpo.py vs DPOTrainer, sft.py vs SFTTrainer"""
     steps: int = 4
     """optimiser steps per run (GRPO: sampling steps, one optimiser step each)"""
     rounds: int = 2
@@ -68,10 +73,16 @@ class Args:
     """held-out problems for the greedy accuracy of the final models"""
     agreement: bool = True
     """run the one-batch loss and gradient agreement check"""
+    same_samples: bool = True
+    """also train GRPO once more on both sides with identical samples (both sample through common.generate with the
+    RNG seeded alike before each step) and compare the final weights: everything but the sampling, end to end"""
     keep_models: bool = False
     """keep the trained weights (0.5 GB per run) after the evaluation"""
     seed: int = 0
-    """seed for the data, both sides' sampling and initialisation"""
+    """seed of the first round: training prompts, DPO pairs, data order and sampling, both sides"""
+    vary_seed: bool = True
+    """round r uses seed + r on both sides, so the rounds also show how much the accuracy after a few steps depends on
+    the draw; --no-vary-seed repeats identical runs (pure timing replicates)"""
     max_new_tokens: int = 32
     """completion length limit: sampling (GRPO max_completion_length) and evaluation"""
     max_grad_norm: float = 1.0
@@ -113,14 +124,14 @@ class Args:
 
 # ---- data -----------------------------------------------------------------------------------------------------------
 
-def build_data(args: Args, data_dir: Path) -> dict[str, Path]:
-    """The training rows of each pair, as JSONL: what our scripts draw (GRPO, SFT: the built-in stream, in order) or
-    read (DPO: --data), and what the TRL worker turns into its dataset."""
+def build_data(args: Args, seed: int, data_dir: Path) -> dict[str, Path]:
+    """The training rows of each pair for one seed, as JSONL: what our scripts draw (GRPO, SFT: the built-in stream of
+    that seed, in order) or read (DPO: --data), and what the TRL worker turns into its dataset."""
     from common import arithmetic_problems
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    stream = lambda n: list(itertools.islice(arithmetic_problems("train", 2, "+", args.seed), n))  # noqa: E731
-    rng = random.Random(args.seed)
+    stream = lambda n: list(itertools.islice(arithmetic_problems("train", 2, "+", seed), n))  # noqa: E731
+    rng = random.Random(seed)
     pairs = [{"prompt": p["prompt"], "chosen": p["answer"],
               "rejected": str(int(p["answer"]) + rng.choice([-10, -2, -1, 1, 2, 10]))}
              for p in stream(args.dpo_num_pairs)]
@@ -145,8 +156,8 @@ def dpo_training_order(n_pairs: int, seed: int, held_out: float = 0.1) -> list[i
 
 
 def check_dpo_order(run_dir: Path, data_file: Path, seed: int, batch: int) -> bool:
-    """dpo.py's own pairs.jsonl is the shuffled file; its first step's logp_chosen (policy = reference there) is the mean
-    reference log-prob of the first batch. Both must agree with `dpo_training_order`."""
+    """dpo.py's own pairs.jsonl is the shuffled file; its first step's logp_chosen (policy = reference there) is the
+    mean reference log-prob of the first batch. Both must agree with `dpo_training_order`."""
     rows = [json.loads(line) for line in open(data_file)]
     written = [json.loads(line) for line in open(run_dir / "pairs.jsonl")]
     shuffled = list(range(len(rows)))
@@ -160,10 +171,14 @@ def check_dpo_order(run_dir: Path, data_file: Path, seed: int, batch: int) -> bo
     return abs(logged["logp_chosen"] - expected) < 1e-3 * max(1.0, abs(expected))
 
 
+def round_seed(args: Args, round_: int) -> int:
+    return args.seed + round_ if args.vary_seed else args.seed
+
+
 # ---- the two sides of each pair: our command line, TRL's configuration ----------------------------------------------
 
-def our_command(pair: str, args: Args, run_dir: Path, data: dict[str, Path]) -> list[str]:
-    flags = ["--seed", args.seed, "--max-steps", args.steps, "--warmup-steps", 0, "--max-grad-norm", args.max_grad_norm,
+def our_command(pair: str, args: Args, seed: int, run_dir: Path, data: dict[str, Path]) -> list[str]:
+    flags = ["--seed", seed, "--max-steps", args.steps, "--warmup-steps", 0, "--max-grad-norm", args.max_grad_norm,
              "--max-new-tokens", args.max_new_tokens, "--eval-every", 0, "--save-every", args.steps,
              "--dtype", "float32", "--device", "cpu", "--output-dir", run_dir]
     flags += {
@@ -181,25 +196,26 @@ def our_command(pair: str, args: Args, run_dir: Path, data: dict[str, Path]) -> 
     return [f"{pair}.py", *map(str, flags)]
 
 
-def trl_config(pair: str, args: Args) -> dict:
+def trl_config(pair: str, args: Args, seed: int) -> dict:
     """Keyword arguments of GRPOConfig / DPOConfig / SFTConfig. Where a TRL default differs from ours, it is set
     explicitly: bf16 (TRL: on), gradient_checkpointing (TRL: on), the scheduler (ours: cosine to 10% of the peak,
     which is transformers' cosine_with_min_lr), the optimiser (ours: torch AdamW, not fused), and per pair below."""
-    config = dict(max_steps=args.steps, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                  warmup_steps=0, weight_decay=0.0, max_grad_norm=args.max_grad_norm, optim="adamw_torch",
-                  seed=args.seed, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
-                  report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
-                  dataloader_num_workers=0)
+    config = dict(max_steps=args.steps, lr_scheduler_type="cosine_with_min_lr",
+                  lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0, weight_decay=0.0,
+                  max_grad_norm=args.max_grad_norm, optim="adamw_torch", seed=seed, bf16=False, fp16=False,
+                  use_cpu=True, gradient_checkpointing=False, report_to="none", logging_strategy="no",
+                  save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     if pair == "grpo":
+        # TRL's defaults that differ: beta 0, temperature 1, loss_type dapo, and use_bias_correction_kl=True, which
+        # multiplies the k3 KL by the (differentiable) ratio; grpo.py has the plain k3 in the loss
         n = args.grpo_prompts * args.grpo_group_size
         config.update(learning_rate=args.grpo_learning_rate, per_device_train_batch_size=args.grpo_micro_batch,
                       gradient_accumulation_steps=n // args.grpo_micro_batch, num_generations=args.grpo_group_size,
                       max_completion_length=args.max_new_tokens, temperature=args.grpo_temperature, top_p=1.0, top_k=0,
                       repetition_penalty=1.0, beta=args.grpo_beta, epsilon=args.grpo_clip_eps,
                       epsilon_high=args.grpo_clip_eps, num_iterations=1, loss_type="grpo", scale_rewards="group",
-                      use_bias_correction_kl=False,  # TRL default True multiplies the k3 KL by the (differentiable)
-                      mask_truncated_completions=False,  # ratio; grpo.py has the plain k3 in the loss
-                      shuffle_dataset=False, disable_dropout=True)
+                      use_bias_correction_kl=False, mask_truncated_completions=False, shuffle_dataset=False,
+                      disable_dropout=True)
     elif pair == "dpo":
         config.update(learning_rate=args.dpo_learning_rate, per_device_train_batch_size=args.dpo_micro_batch,
                       gradient_accumulation_steps=args.dpo_batch // args.dpo_micro_batch, beta=args.dpo_beta,
@@ -233,41 +249,89 @@ def worker(name: str, spec: dict, spec_file: Path, log: Path) -> None:
 
 def train(pair: str, side: str, round_: int, args: Args, out: Path, data: dict[str, Path], model_dir: Path) -> dict:
     """One training run (reused if it finished before with the same settings); its costs and step times."""
-    name = f"{pair}-{side}-r{round_}"
+    name, seed = f"{pair}-{side}-r{round_}", round_seed(args, round_)
     run_dir = out / "runs" / name
     if side == "ours":
-        spec = {"command": our_command(pair, args, run_dir, data)}
+        spec = {"command": our_command(pair, args, seed, run_dir, data)}
     else:
-        order = dpo_training_order(args.dpo_num_pairs, args.seed) if pair == "dpo" else None
+        order = dpo_training_order(args.dpo_num_pairs, seed) if pair == "dpo" else None
         spec = {"pair": pair, "model_dir": str(model_dir), "data": str(data[pair]), "order": order,
-                "config": trl_config(pair, args), "run_dir": str(run_dir)}
+                "config": trl_config(pair, args, seed), "run_dir": str(run_dir)}
     spec_file, cost_file = run_dir / "spec.json", run_dir / "cost.json"
-    done = (cost_file.exists() and spec_file.exists()
-            and json.loads(spec_file.read_text()) == json.loads(json.dumps(spec, default=str))
-            and (any((run_dir / "final").glob("*.safetensors")) or eval_file(run_dir, args).exists()))
+    done = cost_file.exists() and finished(run_dir, spec, args)
     if done:
         print(f"{name}: reusing the finished run in {run_dir}", flush=True)
     else:
-        if run_dir.exists():
-            import shutil
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        fresh_dir(run_dir)
         print(f"{name}: training ...", flush=True)
         if side == "ours":
             spec_file.write_text(json.dumps(spec, indent=2, default=str) + "\n")
-            run_logged([sys.executable, "benchmarks/measure.py", cost_file, *spec["command"]], out / "logs" / f"{name}.log")
+            command = [sys.executable, "benchmarks/measure.py", cost_file, *spec["command"]]
+            run_logged(command, out / "logs" / f"{name}.log")
         else:
             worker("_trl", spec, spec_file, out / "logs" / f"{name}.log")
     cost = json.loads(cost_file.read_text())
     step_times = [m["step_time"] for m in map(json.loads, open(run_dir / "metrics.jsonl")) if "step_time" in m]
-    result = {"name": name, "pair": pair, "side": side, "round": round_, "run_dir": str(run_dir),
-              "step_times": step_times, "median_step_s": statistics.median(step_times),
+    result = {"name": name, "pair": pair, "side": side, "round": round_, "seed": seed, "reused": done,
+              "run_dir": str(run_dir), "step_times": step_times, "median_step_s": statistics.median(step_times),
               "peak_rss_mib": cost["peak_rss_mib"], "wall_s": cost["wall_s"], "threads": cost["threads"]}
     if side == "ours" and pair == "dpo":
-        result["dpo_order_verified"] = check_dpo_order(run_dir, data["dpo"], args.seed, args.dpo_batch)
+        result["dpo_order_verified"] = check_dpo_order(run_dir, data["dpo"], seed, args.dpo_batch)
     print(f"{name}: median step {result['median_step_s']:.2f} s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
           f"wall {result['wall_s']:.0f} s", flush=True)
     return result
+
+
+def finished(run_dir: Path, spec: dict, args: Args) -> bool:
+    """A run left by an earlier invocation with the same settings, its model (or its accuracy) still there."""
+    spec_file = run_dir / "spec.json"
+    return (spec_file.exists() and json.loads(spec_file.read_text()) == json.loads(json.dumps(spec, default=str))
+            and (any((run_dir / "final").glob("*.safetensors")) or eval_file(run_dir, args).exists()))
+
+
+def fresh_dir(run_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+
+
+def train_same_samples(side: str, args: Args, out: Path, data: dict[str, Path], model_dir: Path) -> Path:
+    """GRPO once more, sampling through `common.generate` with the torch RNG seeded identically before every step on
+    both sides (the `_same` worker), so that both see the same completions for as long as their models agree."""
+    run_dir = out / "runs" / f"grpo-{side}-same"
+    spec = {"side": side, "model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()},
+            "args": asdict(args), "run_dir": str(run_dir)}
+    if finished(run_dir, spec, args):
+        print(f"grpo-{side}-same: reusing the finished run in {run_dir}", flush=True)
+    else:
+        fresh_dir(run_dir)
+        print(f"grpo-{side}-same: training on seeded samples ...", flush=True)
+        worker("_same", spec, run_dir / "spec.json", out / "logs" / f"grpo-{side}-same.log")
+    return run_dir
+
+
+def same_samples_summary(dirs: dict[str, Path], model_dir: Path, accuracy: dict[str, float]) -> dict:
+    """Per-step rewards of both sides, and how far apart their final weights are relative to how far they moved."""
+    cached = dirs["trl"] / "weight_diff.json"
+    if not cached.exists():
+        import torch
+        from safetensors.torch import load_file
+
+        base = load_file(str(model_dir / "model.safetensors"))
+        update = {}
+        for side, d in dirs.items():
+            weights = load_file(str(d / "final" / "model.safetensors"))
+            update[side] = torch.cat([(weights[k] - base[k]).flatten() for k in sorted(base)])
+        diff = update["ours"] - update["trl"]
+        cached.write_text(json.dumps({"rel_weight_diff": (diff.norm() / update["ours"].norm().clamp(min=1e-30)).item(),
+                                      "max_abs_weight_diff": diff.abs().max().item(),
+                                      "update_norm_ours": update["ours"].norm().item(),
+                                      "update_norm_trl": update["trl"].norm().item()}) + "\n")
+    rewards = {s: [m["reward_mean"] for m in map(json.loads, open(d / "metrics.jsonl")) if "reward_mean" in m]
+               for s, d in dirs.items()}
+    return {"rewards": rewards, **json.loads(cached.read_text()),
+            "accuracy": {s: accuracy[f"grpo-{s}-same"] for s in dirs}}
 
 
 def eval_file(directory: Path, args: Args) -> Path:
@@ -306,8 +370,7 @@ def summarise(runs: list[dict], accuracy: dict[str, float], args: Args) -> dict:
         summary[pair] = {"step_s": step, "step_ratio": step["ours"] / step["trl"], "peak_rss_mib": rss,
                          "rss_ratio": rss["ours"] / rss["trl"], "accuracy": acc,
                          "accuracy_mean": {s: statistics.fmean(a) for s, a in acc.items()},
-                         "per_round_median_step_s": {s: [round(r["median_step_s"], 3) for r in rs]
-                                                     for s, rs in side.items()}}
+                         "per_round_step_s": {s: [r["median_step_s"] for r in rs] for s, rs in side.items()}}
     return summary
 
 
@@ -331,8 +394,14 @@ def table(summary: dict, args: Args, baseline: float | None) -> str:
         lines.append(f"| {PAIR_NAMES[pair]} | {s['step_s']['ours']:.2f} / {s['step_s']['trl']:.2f} | "
                      f"**{s['step_ratio']:.2f}** | {s['peak_rss_mib']['ours']:.0f} / {s['peak_rss_mib']['trl']:.0f} | "
                      f"**{s['rss_ratio']:.2f}** | {acc} |")
+    lines.append("")
+    for pair, s in summary.items():
+        ours, trl = (", ".join(f"{t:.2f}" for t in s["per_round_step_s"][k]) for k in ("ours", "trl"))
+        lines.append(f"- {pair}: per-round median step time ours {ours} s, TRL {trl} s")
+    seeds = sorted({round_seed(args, r) for r in range(args.rounds)})
     if baseline is not None:
-        lines += ["", f"Starting model: {baseline:.1%} held-out accuracy. Accuracy: mean over rounds (each round)."]
+        lines.append(f"- starting model: {baseline:.1%} held-out accuracy; accuracy columns: mean over rounds "
+                     f"(each round; seeds {', '.join(map(str, seeds))})")
     return "\n".join(lines) + "\n"
 
 
@@ -347,9 +416,9 @@ def agreement_table(agreement: dict) -> str:
                      f"{a['fwd_bwd_s_ours']:.2f} / {a['fwd_bwd_s_trl']:.2f} | {a['why']} |")
     if "grpo_advantages" in agreement:
         a = agreement["grpo_advantages"]
-        lines += ["", f"GRPO advantages (not part of `_compute_loss`, computed in `_generate_and_score_completions`): for "
-                      f"the same rewards, TRL's / ours = {a['ratio']:.4f} (max abs diff {a['max_abs_diff']:.3f}); "
-                      f"{a['note']}"]
+        lines += ["", f"GRPO advantages (not part of `_compute_loss`; TRL computes them in "
+                      f"`_generate_and_score_completions`): for the same rewards, TRL's / ours = {a['ratio']:.4f} "
+                      f"(max abs diff {a['max_abs_diff']:.3f}); {a['note']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -359,8 +428,10 @@ def markdown(report: dict, args: Args) -> str:
             f"Measured {time.strftime('%Y-%m-%d')} on {s['machine']}; every run in its own process with one thread "
             f"(OMP_NUM_THREADS=1, torch.set_num_threads(1)), fp32, alternating ours and TRL, {args.rounds} rounds per "
             f"pair, {args.steps} optimiser steps per run. TRL {s['versions']['trl']}, transformers "
-            f"{s['versions']['transformers']}, torch {s['versions']['torch']}. Whole comparison: "
-            f"{s['wall_s'] / 60:.1f} min.", "",
+            f"{s['versions']['transformers']}, torch {s['versions']['torch']}. This invocation took "
+            f"{s['wall_s'] / 60:.1f} min" + (f" (it reused {s['reused']} of the {len(s['runs'])} timed runs from an "
+                                             f"earlier one)" if s["reused"] else "")
+            + f". The timed training processes took {sum(r['wall_s'] for r in s['runs']) / 60:.1f} min in total.", "",
             "Step time: median over all steps of all rounds of the per-step time (ours: `step_time` in metrics.jsonl; "
             "TRL: a TrainerCallback from on_step_begin to on_step_end; model loading excluded on both sides). Peak "
             "RSS: ru_maxrss of the training process (median over rounds; includes imports and model loading). Ratios "
@@ -370,8 +441,27 @@ def markdown(report: dict, args: Args) -> str:
     if s.get("agreement"):
         out += ["## One-batch agreement", "",
                 "Same starting weights, one fixed batch, loss and gradient of every parameter from our pure functions "
-                "and from TRL's `compute_loss`; rel grad diff = ||g_ours - g_TRL|| / ||g_TRL||.", "",
+                "and from TRL's `compute_loss`; rel grad diff = `||g_ours - g_TRL|| / ||g_TRL||`.", "",
                 agreement_table(s["agreement"])]
+    if s.get("same_samples"):
+        same, agree = s["same_samples"], s["same_samples"]["rewards"]["ours"] == s["same_samples"]["rewards"]["trl"]
+        out += ["## GRPO on identical samples", "",
+                f"Both sides trained once more for {args.steps} steps with the settings above (seed {args.seed}), "
+                "but sampling through `common.generate` with the torch RNG seeded identically before every step (TRL's "
+                "`_generate_single_turn` replaced, grpo.py's `generate` wrapped; same distribution), so that they "
+                "draw the same completions for as long as their models agree. This checks everything except the "
+                "sampling end to end: rewards, advantages, loss, accumulation, clipping, optimiser and schedule.", "",
+                "| | ours | TRL |", "| --- | --- | --- |",
+                "| mean reward per step | " + " | ".join(", ".join(f"{r:.3f}" for r in same["rewards"][k])
+                                                        for k in ("ours", "trl")) + " |",
+                f"| norm of the weight update | {same['update_norm_ours']:.5f} | {same['update_norm_trl']:.5f} |",
+                f"| held-out accuracy | {same['accuracy']['ours']:.1%} | {same['accuracy']['trl']:.1%} |", "",
+                (f"`||w_ours - w_TRL|| / ||w_ours - w_0||` = {same['rel_weight_diff']:.2e} (max abs diff "
+                 f"{same['max_abs_weight_diff']:.1e}); " if same["update_norm_ours"] > 0 else
+                 "Neither side moved (every group's rewards were equal); ") + "per-step rewards "
+                + ("identical: the two training loops take the same steps; what remains different is the advantage "
+                   "scale (Bessel, see below). Accuracy differences in the main table therefore come from the "
+                   "sampling draws." if agree else "differ: the runs diverged (see the logs)."), ""]
     out += ["## Settings", "", "Our commands (round 0; each through `benchmarks/measure.py`):", ""]
     out += [f"    python {' '.join(r['command'])}" for r in s["commands"]]
     out += ["", "TRL configurations (the `_trl` worker of `benchmarks/trl_compare.py`; model loaded by path from "
@@ -382,33 +472,39 @@ def markdown(report: dict, args: Args) -> str:
 
 
 NOTES = [
-    "Same: model (SmolLM2-135M-Instruct, fp32 weights and compute, no dropout), tokenization (TRL gets prompts rendered "
-    "by `common.render_prompt`; the agreement check confirms identical token ids), training prompts and their order "
-    "(GRPO and SFT: the built-in stream; TRL: the same rows, unshuffled / sequential sampler; DPO: the same file, TRL "
-    "fed in the order dpo.py trains on it, verified against its pairs.jsonl and first-step log-probs), learning "
-    "rate and schedule (no warmup, cosine to 10% of the peak: ours with --warmup-steps 0, TRL cosine_with_min_lr "
-    "min_lr_rate 0.1; the same formula), AdamW (torch, not fused; betas 0.9/0.999, eps 1e-8, no weight decay), "
-    "gradient clipping at the same norm, micro-batching and gradient accumulation, no gradient checkpointing.",
+    "Same: model (SmolLM2-135M-Instruct, fp32 weights and compute, no dropout), tokenization (TRL gets prompts "
+    "rendered by `common.render_prompt`; the agreement check confirms identical token ids), training prompts and "
+    "their order (GRPO and SFT: the built-in stream of the round's seed; TRL: the same rows, unshuffled / sequential "
+    "sampler; DPO: the same file, TRL fed in the order dpo.py trains on it, verified against its pairs.jsonl and "
+    "first-step log-probs), learning rate and schedule (no warmup, cosine to 10% of the peak: ours with "
+    "--warmup-steps 0, TRL cosine_with_min_lr min_lr_rate 0.1; the same formula), AdamW (torch, not fused; betas "
+    "0.9/0.999, eps 1e-8, no weight decay), gradient clipping at the same norm, micro-batching and gradient "
+    "accumulation, no gradient checkpointing.",
     "GRPO: reward 1 if `common.is_correct` else 0 (no format bonus), group size, prompts per step, completions per "
     "forward pass, max new tokens, temperature, top_p 1, no top-k (TRL top_k=0; ours hides the checkpoint's "
     "generation config), no repetition penalty, beta with the k3 KL and a reference model on both sides, clip range, "
     "num_iterations 1 (so pi_old = pi_theta and no extra pi_old pass on either side), loss aggregation grpo, group "
     "reward scaling, truncated completions kept.",
     "GRPO, not the same: TRL scales advantages by the Bessel-corrected group std (n-1), grpo.py by the population std "
-    "(n): TRL's advantages are sqrt((G-1)/G) of ours (0.935 for G=8). Before clipping this is a 6.5% smaller policy "
-    "gradient for TRL (relative to the KL term); when the gradient norm is clipped it only shifts the policy/KL "
-    "balance. No setting of either side makes them equal (except scale_rewards none on both).",
-    "GRPO, not the same: sampling randomness (different RNG streams), so the two runs see different completions and "
-    "rewards; their accuracies differ by chance as well.",
+    "(n): TRL's advantages are sqrt((G-1)/G) of ours (0.935 for G=8), a 6.5% smaller policy term next to the same KL "
+    "term. With the gradient norm above max_grad_norm (grpo.py logs it) and Adam's normalised update, the step size "
+    "hardly changes; the policy/KL balance does. No setting makes them equal (except scale_rewards none on both).",
+    "GRPO, not the same: the sampling random streams, so the two sides see different completions and rewards, and "
+    "after a few steps their accuracies differ by chance; the rounds use different seeds (unless --no-vary-seed) to "
+    "show how much.",
     "GRPO, TRL default changed: use_bias_correction_kl=False (TRL's default True multiplies the k3 KL by the "
     "importance ratio, which changes the KL gradient even on-policy; the agreement table shows by how much).",
     "DPO: pairs correct-answer vs near-miss, same beta, sigmoid loss, summed log-probs, reference log-probs "
     "precomputed once before training on both sides (TRL precompute_ref_log_probs=True), so neither keeps a "
     "reference model. dpo.py also computes reference log-probs for its 10% held-out pairs, which TRL never sees.",
     "SFT: completion = the correct answer + EOS, completion-only loss, token mean over the whole optimiser batch.",
-    "Costs that are part of each implementation, not of the settings: TRL's fused LM head scores every position of "
-    "the sequence on CPU (its compact path is Triton-only) and also computes entropy / top-1 metrics; ours computes "
-    "logits for the completion only. TRL's process also imports trl, datasets and accelerate (in its peak RSS).",
+    "Costs that belong to each implementation, not to the settings: TRL's fused LM head projects every position of "
+    "the sequence, prompt included, onto the vocabulary when not on CUDA/XPU (its compact path, which scores only the "
+    "completion, needs Triton), recomputes those logits in backward, and computes entropy (and DPO/SFT: top-1 and "
+    "mean-logit metrics) on the way; our `completion_logprobs` computes the completion's logits only "
+    "(logits_to_keep). With ~40-token prompts and short completions this is most of the step-time difference here "
+    "(see the fwd+bwd column of the agreement table); on a GPU the ratios will differ. TRL's process also imports "
+    "trl, datasets and accelerate (about 0.2 GiB of its peak RSS).",
 ]
 
 
@@ -422,25 +518,36 @@ def main(args: Args) -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = _default_model_dir(MODEL_PACKAGE)  # what common.DEFAULT_MODEL resolves to; converted once if missing
-    data = build_data(args, out / "data")
+    data = {seed: build_data(args, seed, out / "data" / f"seed{seed}")
+            for seed in sorted({round_seed(args, r) for r in range(args.rounds)})}
     report: dict = {"args": asdict(args), "model_dir": str(model_dir)}
 
     if args.agreement:
         print("agreement check ...", flush=True)
-        worker("_agree", {"model_dir": str(model_dir), "data": {k: str(v) for k, v in data.items()}, "args": asdict(args),
-                          "out": str(out / "agreement.json"), "work_dir": str(out / "agreement")},
-               out / "logs" / "agreement.spec.json", out / "logs" / "agreement.log")
+        spec = {"model_dir": str(model_dir), "data": {k: str(v) for k, v in data[args.seed].items()},
+                "args": asdict(args), "out": str(out / "agreement.json"), "work_dir": str(out / "agreement")}
+        spec_file = out / "logs" / "agreement.spec.json"
+        if (out / "agreement.json").exists() and spec_file.exists() and (
+                json.loads(spec_file.read_text()) == json.loads(json.dumps(spec))):
+            print("(reusing the agreement check of an earlier invocation with the same settings)", flush=True)
+        else:
+            worker("_agree", spec, spec_file, out / "logs" / "agreement.log")
         report["agreement"] = json.loads((out / "agreement.json").read_text())
         print(agreement_table(report["agreement"]), flush=True)
 
-    runs = [train(pair, side, r, args, out, data, model_dir)
+    runs = [train(pair, side, r, args, out, data[round_seed(args, r)], model_dir)
             for pair in args.pairs for r in range(args.rounds) for side in ("ours", "trl")]
+    same = ({side: train_same_samples(side, args, out, data[args.seed], model_dir) for side in ("ours", "trl")}
+            if args.same_samples and "grpo" in args.pairs else {})
+    run_dirs = {r["name"]: Path(r["run_dir"]) for r in runs} | {f"grpo-{s}-same": d for s, d in same.items()}
     models = {"baseline": (str(model_dir), eval_file(out, args)),
-              **{r["name"]: (str(Path(r["run_dir"]) / "final"), eval_file(Path(r["run_dir"]), args)) for r in runs}}
+              **{name: (str(d / "final"), eval_file(d, args)) for name, d in run_dirs.items()}}
     accuracy = evaluate_models(models, args, out)
+    if same:
+        report["same_samples"] = same_samples_summary(same, model_dir, accuracy)
     if not args.keep_models:  # 0.5 GB each; configs, tokenizers and the accuracy stay
-        for r in runs:
-            for weights in (Path(r["run_dir"]) / "final").glob("*.safetensors"):
+        for d in run_dirs.values():
+            for weights in (d / "final").glob("*.safetensors"):
                 weights.unlink()
 
     import transformers
@@ -449,10 +556,11 @@ def main(args: Args) -> None:
         machine=f"{os.cpu_count()} CPU cores ({_cpu_name()}), shared with other work", runs=runs,
         versions={"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         pairs=summarise(runs, accuracy, args), baseline_accuracy=accuracy["baseline"], accuracy=accuracy,
-        commands=[{"pair": p, "command": ["benchmarks/measure.py", "COST.json",
-                                          *our_command(p, args, out / "runs" / f"{p}-ours-r0", data)]}
-                  for p in args.pairs],
-        trl_configs={p: trl_config(p, args) for p in args.pairs}, notes=NOTES, wall_s=time.time() - t0)
+        commands=[{"pair": p, "command": ["benchmarks/measure.py", f"{out}/runs/{p}-ours-r0/cost.json",
+                                          *our_command(p, args, args.seed, out / "runs" / f"{p}-ours-r0",
+                                                       data[args.seed])]} for p in args.pairs],
+        trl_configs={p: trl_config(p, args, args.seed) for p in args.pairs}, notes=NOTES, wall_s=time.time() - t0)
+    report["reused"] = sum(r["reused"] for r in runs)
     report["dpo_order_verified"] = all(r.get("dpo_order_verified", True) for r in runs)
     if not report["dpo_order_verified"]:
         report["notes"] = NOTES + ["WARNING: the DPO training order could not be verified against dpo.py's run: "
@@ -579,7 +687,7 @@ def agreement_worker(spec: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config_of = lambda pair: {**trl_config(pair, Args(**a)), "max_steps": 1}  # noqa: E731
+    config_of = lambda pair: {**trl_config(pair, Args(**a), a["seed"]), "max_steps": 1}  # noqa: E731
     results = {}
 
     def gradient(model, loss_fn) -> tuple[float, torch.Tensor]:
@@ -664,7 +772,7 @@ def agreement_worker(spec: dict) -> None:
         completions, answers = [], []
         for p in problems:
             x = int(p["answer"])
-            completions += [str(x), f"The answer is {x}.", str(x + 1), f"Let me think: the sum is {x - 10}, so {x - 10}"]
+            completions += [str(x), f"The answer is {x}.", str(x + 1), f"Let me see: the sum is {x - 10}, so {x - 10}"]
             answers += [p["answer"]] * G
         config = {**config_of("grpo"), "per_device_train_batch_size": len(completions),
                   "gradient_accumulation_steps": 1, "num_generations": G}
@@ -725,7 +833,61 @@ def agreement_worker(spec: dict) -> None:
     Path(spec["out"]).write_text(json.dumps(results, indent=2) + "\n")
 
 
-WORKERS = {"_trl": trl_worker, "_eval": eval_worker, "_agree": agreement_worker}
+def same_samples_worker(spec: dict) -> None:
+    """GRPO for --steps steps, our side (grpo.main with the timed run's flags) or TRL's (GRPOTrainer with the timed
+    run's config), both sampling through common.generate with torch.manual_seed(1000 + call) before each call."""
+    import torch
+    import warnings
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import common
+
+    args, run_dir, calls = Args(**spec["args"]), Path(spec["run_dir"]), itertools.count()
+    data = {k: Path(v) for k, v in spec["data"].items()}
+
+    def seeded_generate(*a, **k):
+        torch.manual_seed(1000 + next(calls))
+        return common.generate(*a, **k)
+
+    if spec["side"] == "ours":
+        import grpo
+
+        grpo.generate = seeded_generate  # grpo.py's sampling call, nothing else changed
+        grpo.main(tyro.cli(grpo.Args, args=our_command("grpo", args, args.seed, run_dir, data)[1:]))
+        return
+
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
+
+    def generate_single_turn(self, prompt_ids, *unused, **unused_kw):
+        """Replaces TRL's sampling (same distribution: temperature, top_p 1, no top-k) with the seeded one: the
+        prompts left-padded as encode_prompts pads them, the completions cut after their first EOS, as TRL does."""
+        width, pad = max(map(len, prompt_ids)), self._tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        completion_ids, completion_mask, _ = seeded_generate(self.model, self._tokenizer, ids, mask,
+                                                             args.max_new_tokens, args.grpo_temperature, 1.0,
+                                                             batch_size=len(prompt_ids))
+        return [c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)], None
+
+    GRPOTrainer._generate_single_turn = generate_single_turn
+    rows = _trl_rows("grpo", spec["data"]["grpo"], AutoTokenizer.from_pretrained(spec["model_dir"]))
+    trainer = _make_trainer("grpo", spec["model_dir"], rows, trl_config("grpo", args, args.seed), str(run_dir))
+    score, step = trainer._calculate_rewards, itertools.count(1)
+
+    def logged_score(*a, **k):  # the per-step mean reward, as grpo.py logs it
+        rewards = score(*a, **k)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": next(step), "reward_mean": rewards.sum(1).mean().item()}) + "\n")
+        return rewards
+
+    trainer._calculate_rewards = logged_score
+    trainer.train()
+    trainer.save_model(str(run_dir / "final"))
+
+
+WORKERS = {"_trl": trl_worker, "_eval": eval_worker, "_agree": agreement_worker, "_same": same_samples_worker}
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] in WORKERS:

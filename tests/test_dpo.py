@@ -99,6 +99,12 @@ def test_dpo_learns_toy_preferences(tmp_path, tiny_model_dir):
     assert last["loss"] < 0.45
 
 
+def test_held_out_pairs_zero_trains_on_every_pair(tmp_path, tiny_model_dir, capsys):
+    last = dpo.main(toy_args(tmp_path, tiny_model_dir, held_out_pairs=0.0, max_steps=1))
+    assert "90 pairs to train on, 0 held out" in capsys.readouterr().out
+    assert last["eval_pref_accuracy"] is None
+
+
 def test_dpo_with_swapped_preferences_learns_the_opposite(tmp_path, tiny_model_dir, monkeypatch):
     original = dpo.dpo_loss
     monkeypatch.setattr(dpo, "dpo_loss", lambda pc, pr, rc, rr, *a, **k: original(pr, pc, rr, rc, *a, **k)[:1] +

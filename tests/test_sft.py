@@ -81,6 +81,14 @@ def test_sft_memorises_a_small_data_set(tmp_path, tiny_model_dir):
     assert reloaded.config.hidden_size == 64
 
 
+def test_logged_learning_rate_is_the_one_each_step_used(tmp_path, tiny_model_dir):
+    sft.main(tiny_args(tmp_path, tiny_model_dir, max_steps=6, warmup_steps=2, eval_every=0, learning_rate=1e-3))
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    f = common.lr_lambda(2, 6)
+    assert lrs == pytest.approx([1e-3 * f(step) for step in range(6)])
+    assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3 * f(2)])  # warmup, peak, then decay
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     args = dict(max_steps=10, save_every=5, eval_every=0, learning_rate=1e-3)
     sft.main(tiny_args(tmp_path, tiny_model_dir, **args))  # leaves checkpoint/ at step 5 and final/ at step 10

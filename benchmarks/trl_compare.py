@@ -150,7 +150,7 @@ def dpo_training_order(n_pairs: int, seed: int, held_out: float = 0.1) -> list[i
     the pairs.jsonl dpo.py writes (see `check_dpo_order`)."""
     order = list(range(n_pairs))
     random.Random(seed).shuffle(order)
-    n_out = max(1, int(n_pairs * held_out)) if n_pairs > 1 else 0
+    n_out = min(n_pairs - 1, max(1, round(n_pairs * held_out))) if held_out else 0  # as dpo.py counts them
     train = order[n_out:]
     return random.Random(seed).sample(train, len(train))
 

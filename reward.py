@@ -97,12 +97,12 @@ def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, c
 
 
 def reward_model_from(lm, tokenizer):
-    """A sequence-classification model (one label) with the language model's backbone and a zero-initialised head."""
+    """A sequence-classification model (one label) with the language model's backbone and a freshly initialised
+    head (small random weights: a zero head would give the backbone no gradient until the head has grown)."""
     config = lm.config
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
     reward_model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     reward_model.base_model.load_state_dict(lm.base_model.state_dict())
-    torch.nn.init.zeros_(reward_model.score.weight)
     return reward_model
 
 

@@ -146,7 +146,8 @@ def test_reward_model_learns_to_rank_toy_pairs(tmp_path, tiny_model_dir):
                                    output_dir=str(tmp_path / "rm"), max_steps=30, batch_size=16, micro_batch_size=8,
                                    learning_rate=3e-3, warmup_steps=2, eval_every=30))
     log = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
-    assert log[0]["eval_pair_accuracy"] == 0.0  # zero head: every score is 0, no pair is ranked yet
+    assert log[0]["eval_pair_accuracy"] < 0.8  # a random head ranks the held-out pairs by chance
+    assert log[1]["loss"] > 0.5
     assert last["eval_pair_accuracy"] == 1.0 and last["loss"] < 0.1
 
 

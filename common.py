@@ -482,9 +482,20 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):
     return f
 
 
-def prepare_output_dir(output_dir: str | None, script: str, args) -> Path:
+def prepare_output_dir(output_dir: str | None, script: str, args, checkpoint: Path | None = None) -> Path:
+    """Create the run directory and write args.json. A fresh run refuses a directory that already holds one (its
+    metrics would be mixed in); a resumed run drops the logged steps after its checkpoint, which will be redone."""
     out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    metrics_file = out / "metrics.jsonl"
+    if checkpoint is None and metrics_file.exists():
+        raise FileExistsError(f"--output-dir {out} already holds a run ({metrics_file}): pass --resume {out} to "
+                              f"continue it, or choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None and metrics_file.exists():
+        step = torch.load(checkpoint / "trainer_state.pt", mmap=True, weights_only=False)["step"]
+        kept = [line for line in metrics_file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        metrics_file.with_suffix(".tmp").write_text("".join(kept))
+        os.replace(metrics_file.with_suffix(".tmp"), metrics_file)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
     return out
 

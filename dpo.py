@@ -187,7 +187,7 @@ def main(args: Args) -> dict:
         args.output_dir = str(checkpoint.parent)
     rows = read_jsonl(args.data, ("prompt", "chosen", "rejected"), check_pair) if args.data and not checkpoint else None
     eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "dpo", args)
+    output_dir = prepare_output_dir(args.output_dir, "dpo", args, checkpoint)
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
     rng = random.Random(args.seed)
 

@@ -199,7 +199,7 @@ def main(args: Args) -> dict:
         args.output_dir = str(checkpoint.parent)
     problems = problem_stream(args.data, args.digits, args.ops, args.seed)
     eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "gspo", args)
+    output_dir = prepare_output_dir(args.output_dir, "gspo", args, checkpoint)
 
     # ---- models: pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0) ---------------------------
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)

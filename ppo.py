@@ -242,7 +242,7 @@ def main(args: Args) -> dict:
         args.output_dir = str(checkpoint.parent)
     problems = problem_stream(args.data, args.digits, args.ops, args.seed)
     eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "ppo", args)
+    output_dir = prepare_output_dir(args.output_dir, "ppo", args, checkpoint)
 
     # ---- models: actor pi_theta, critic V_phi, frozen pi_ref, and the reward model if one is given ---------------
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)

@@ -160,7 +160,7 @@ def main(args: Args) -> dict:
     pairs = pair_stream(args.data, args.digits, args.ops, args.seed)
     eval_pairs = (read_jsonl(args.eval_data, ("prompt", "chosen", "rejected"), check_pair)[:args.eval_size]
                   if args.eval_data else list(task_pairs(eval_problems(args.eval_size, args.digits, args.ops), seed=0)))
-    output_dir = prepare_output_dir(args.output_dir, "reward", args)
+    output_dir = prepare_output_dir(args.output_dir, "reward", args, checkpoint)
 
     lm, tokenizer = load_model(args.model, device)
     reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32) if checkpoint

@@ -118,7 +118,7 @@ def main(args: Args) -> dict:
         args.output_dir = str(checkpoint.parent)  # keep appending to the same run
     rows = problem_stream(args.data, args.digits, args.ops, args.seed, fields=(), check=check_row)
     eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "sft", args)
+    output_dir = prepare_output_dir(args.output_dir, "sft", args, checkpoint)
 
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
     if args.gradient_checkpointing:

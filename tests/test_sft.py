@@ -102,6 +102,16 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     assert steps == [6, 7, 8, 9, 10]
 
 
+def test_resume_in_place_rewrites_the_steps_after_the_checkpoint(tmp_path, tiny_model_dir):
+    args = dict(max_steps=10, save_every=5, eval_every=0, learning_rate=1e-3)
+    sft.main(tiny_args(tmp_path, tiny_model_dir, **args))
+    with pytest.raises(FileExistsError, match="already holds a run .* pass --resume"):
+        sft.main(tiny_args(tmp_path, tiny_model_dir, **args))  # a fresh run must not mix into the old log
+    sft.main(tiny_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"), **args))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))  # steps 6..10 were logged by both runs and appear once
+
+
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "p"}, "needs `prompt` and `completion`, or `messages`"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "'messages' must be a list of at least two"),

@@ -5,7 +5,8 @@ stated step budget; write a markdown table and plots of what each one learned an
     python benchmarks/run.py --algorithms grpo dpo --steps 20 --out benchmarks/results-quick
 
 Each run goes through benchmarks/measure.py (wall time, peak memory) and leaves its own run directory under --out;
-a finished run is reused, so an interrupted benchmark continues where it stopped. Held-out accuracy is greedy, on
+a finished run is reused (read up to --steps if it went further), so an interrupted benchmark continues where it
+stopped. Held-out accuracy is greedy, on
 the same --eval-size problems of the held-out split for every algorithm, before the first step and after the last.
 """
 
@@ -61,7 +62,10 @@ def run(algorithm: str, args: Args, out: Path) -> dict:
                    "--save-every", str(10 * args.steps), *args.extra]
         print(" ".join(command), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
-    log = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    # A finished run that went further than --steps (an earlier, longer benchmark) is read up to --steps.
+    log = [m for line in open(run_dir / "metrics.jsonl") if (m := json.loads(line))["step"] <= args.steps]
+    if log[-1]["step"] < args.steps:
+        raise SystemExit(f"{run_dir} stopped at step {log[-1]['step']} < --steps {args.steps}: delete it to rerun")
     evals = [(m["step"], m["eval_accuracy"]) for m in log if "eval_accuracy" in m]
     steps = [m for m in log if "step_time" in m]
     mean = lambda key: sum(m[key] for m in steps if key in m) / max(1, sum(key in m for m in steps))  # noqa: E731

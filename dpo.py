@@ -27,19 +27,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, arithmetic_problems, autocast, check_prompt, completion_logprobs, decode,
-                    encode_completions, encode_prompts, evaluate, find_checkpoint, generate, is_correct, load_eval_set,
-                    load_model, load_trainer_state, log_metrics, lr_lambda, prepare_output_dir, read_jsonl,
-                    resolve_device, resolve_dtype, save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, arithmetic_problems, autocast,
+                    check_args, check_finite, check_messages, completion_logprobs, decode, encode_completions,
+                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
+                    load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
+                    prompt_length_check, read_jsonl, require, resolve_device, resolve_dtype, save_pretrained, set_seed,
+                    write_atomic)
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Args:
     """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit (building pairs and evaluation)"""
+    max_prompt_length: int = 512
+    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
+    truncate_prompts: bool = False
+    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     temperature: float = 0.7
     """sampling temperature when building pairs"""
     top_p: float = 1.0
@@ -75,11 +81,12 @@ class Args:
     eval_every: int = 25
     """steps between evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out problems for the greedy task accuracy"""
+    """held-out problems for the greedy task accuracy; 0 disables evaluation (the held-out pair accuracy stays)"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
-    """a run directory (or its checkpoint/) to continue from"""
+    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
+    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -136,11 +143,24 @@ def completion_text(value) -> str:
 
 
 def check_pair(row: dict) -> str | None:
+    """Why a preference pair is unusable (None if fine): chosen and rejected must each be text or chat messages
+    ending with the assistant's, and must differ (the same completion twice has loss ln 2 and zero gradient)."""
     for key in ("chosen", "rejected"):
         value = row[key]
-        if not (isinstance(value, str) or (isinstance(value, list) and value and check_prompt(value) is None
-                                            and value[-1]["role"] == "assistant")):
+        if not (isinstance(value, str) or (check_messages(value) is None and value[-1]["role"] == "assistant")):
             return f"'{key}' must be text or chat messages ending with the assistant's"
+    if completion_text(row["chosen"]) == completion_text(row["rejected"]):
+        return ("'chosen' and 'rejected' are the same completion: the pair teaches nothing (its loss is ln 2 with "
+                "zero gradient, whatever the model); remove it")
+    return None
+
+
+def check_ref_logprobs(row: dict) -> str | None:
+    """A row of pairs.jsonl: its reference log-probs are finite numbers."""
+    for key in ("ref_chosen", "ref_rejected"):
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"'{key}' = {json.dumps(value)} is not a finite number: the pairs file is damaged"
     return None
 
 
@@ -159,11 +179,13 @@ def pairs_from_samples(problems: list[dict], completions: list[str], k: int, rng
     return pairs, skipped
 
 
-def encode_pairs(tokenizer, pairs: list[dict], device):
-    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both."""
+def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None):
+    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both; prompts cut to their last
+    max_length tokens (see encode_prompts)."""
     prompts = [p["prompt"] for p in pairs] * 2
     completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
-    return (*encode_prompts(tokenizer, prompts, device), *encode_completions(tokenizer, completions, device))
+    return (*encode_prompts(tokenizer, prompts, device, max_length),
+            *encode_completions(tokenizer, completions, device))
 
 
 def pair_logprobs(model, sequences, average: bool):
@@ -176,34 +198,36 @@ def pair_logprobs(model, sequences, average: bool):
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
+    # ---- checks: flags, the run to resume, model, data, pairs; nothing is written before all of them pass ---------
+    checkpoint = open_run(args, "dpo")  # with --resume: the run's own flags and its latest checkpoint
+    check_args(args)
+    require(args.batch_size % args.micro_batch_size == 0,
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.batch_size % args.micro_batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size}")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    if checkpoint and args.output_dir is None:
-        args.output_dir = str(checkpoint.parent)
-    rows = read_jsonl(args.data, ("prompt", "chosen", "rejected"), check_pair) if args.data and not checkpoint else None
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "dpo", args, checkpoint)
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+    rows = (read_jsonl(args.data, ("prompt", "chosen", "rejected"), (check_pair, too_long))
+            if args.data and not checkpoint else None)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
     rng = random.Random(args.seed)
 
     def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
+                        args.max_prompt_length)
 
     # ---- 1. preference pairs and their reference log-probs, once: pi_ref is the model before any update -----------
-    pairs_file = (checkpoint.parent if checkpoint else output_dir) / "pairs.jsonl"
-    if checkpoint:
-        pairs = read_jsonl(pairs_file, ("prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"))
+    if checkpoint:  # the run's own pairs (prepare_output_dir copies them along when resuming into a new directory)
+        pairs = read_jsonl(checkpoint.parent / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen",
+                                                               "ref_rejected"), (check_pair, check_ref_logprobs))
     else:
         if rows is None:  # sample k completions per prompt from pi_ref, keep prompts with a right and a wrong one
             problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed),
                                              args.num_prompts))
             prompt_ids, prompt_mask = encode_prompts(
-                tokenizer, [p["prompt"] for p in problems for _ in range(args.num_samples)], device)
+                tokenizer, [p["prompt"] for p in problems for _ in range(args.num_samples)], device,
+                args.max_prompt_length)
             with autocast(device, dtype):
                 ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
                                         args.temperature, args.top_p, batch_size=args.generation_batch_size)
@@ -211,20 +235,26 @@ def main(args: Args) -> dict:
             tqdm.write(f"built {len(rows)} pairs from {args.num_prompts} prompts x {args.num_samples} samples; "
                        f"{skipped} prompts had no right-and-wrong pair and were skipped")
             if not rows:
-                raise RuntimeError("no prompt gave both a right and a wrong completion: raise --num-samples, "
-                                   "--num-prompts or --temperature")
+                raise RunError("no prompt gave both a right and a wrong completion: raise --num-samples, "
+                               "--num-prompts or --temperature")
         pairs = []
         for i in range(0, len(rows), args.micro_batch_size):
             chunk = rows[i:i + args.micro_batch_size]
             with torch.no_grad(), autocast(device, dtype):
-                ref_chosen, ref_rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device),
+                ref_chosen, ref_rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device,
+                                                                             args.max_prompt_length),
                                                          args.average_logprobs)
+            if not (ref_chosen.isfinite().all() and ref_rejected.isfinite().all()):
+                raise NonFiniteError(f"the reference model gives a non-finite log-prob to a pair among pairs "
+                                     f"{i + 1}-{i + len(chunk)} (of {args.data or 'the built-in pairs'})")
             pairs += [dict(p, ref_chosen=c.item(), ref_rejected=r.item())
                       for p, c, r in zip(chunk, ref_chosen, ref_rejected)]
         rng.shuffle(pairs)
-        pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    output_dir = prepare_output_dir(args, checkpoint)
+    if not checkpoint:
+        write_atomic(output_dir / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
     n_held_out = min(len(pairs) - 1, max(1, round(len(pairs) * args.held_out_pairs))) if args.held_out_pairs else 0
-    held_out, train_pairs = pairs[:n_held_out], pairs[n_held_out:]
+    held_out, train_pairs = pairs[:n_held_out], pairs[n_held_out:]  # train_pairs: never empty (>= 1 pair)
     tqdm.write(f"{len(train_pairs)} pairs to train on, {n_held_out} held out for the preference accuracy "
                f"(--held-out-pairs {args.held_out_pairs})")
 
@@ -233,15 +263,20 @@ def main(args: Args) -> dict:
             yield from rng.sample(train_pairs, len(train_pairs))
 
     @torch.no_grad()
-    def held_out_accuracy() -> float:
+    def held_out_accuracy() -> float | None:
         wins = 0
         for i in range(0, len(held_out), args.micro_batch_size):
             chunk = held_out[i:i + args.micro_batch_size]
             with autocast(device, dtype):
-                chosen, rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device), args.average_logprobs)
+                chosen, rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device, args.max_prompt_length),
+                                                 args.average_logprobs)
             ref_margin = torch.tensor([p["ref_chosen"] - p["ref_rejected"] for p in chunk], device=device)
             wins += ((chosen - rejected) > ref_margin).sum().item()  # implicit reward of y_w above y_l
         return wins / len(held_out) if held_out else None
+
+    def evaluations() -> dict:
+        """The greedy task accuracy (unless --eval-size 0) and the preference accuracy on the held-out pairs."""
+        return {**({"eval_accuracy": run_eval()} if eval_set else {}), "eval_pref_accuracy": held_out_accuracy()}
 
     # ---- 2. optimiser, resume ---------------------------------------------------------------------------------------
     if args.gradient_checkpointing:
@@ -258,14 +293,13 @@ def main(args: Args) -> dict:
     for _ in range(start_step * args.batch_size):
         next(stream)
 
+    progress = Steps(start_step, args.max_steps, "dpo")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
     if args.eval_every and start_step == 0:
-        metrics = {"step": 0, "eval_accuracy": run_eval(), "eval_pref_accuracy": held_out_accuracy(),
-                   "num_pairs": len(pairs)}
-        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy", "eval_pref_accuracy", "num_pairs")))
+        metrics = {"step": 0, **evaluations(), "num_pairs": len(pairs)}
+        progress.write(log_metrics(output_dir, metrics, ("eval_accuracy", "eval_pref_accuracy", "num_pairs")))
 
     # ---- 3. training loop [DPO-LOSS] ----------------------------------------------------------------------------
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="dpo")
     for step in progress:
         t0 = time.time()
         batch = [next(stream) for _ in range(args.batch_size)]
@@ -275,7 +309,7 @@ def main(args: Args) -> dict:
         n_tokens = 0
         for i in range(0, args.batch_size, args.micro_batch_size):
             chunk = batch[i:i + args.micro_batch_size]
-            sequences = encode_pairs(tokenizer, chunk, device)
+            sequences = encode_pairs(tokenizer, chunk, device, args.max_prompt_length)
             n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
                 policy_chosen, policy_rejected = pair_logprobs(model, sequences, args.average_logprobs)
@@ -290,7 +324,8 @@ def main(args: Args) -> dict:
                                ("pref_accuracy", (chosen_rewards > rejected_rewards).float()),
                                ("logp_chosen", policy_chosen), ("logp_rejected", policy_rejected)):
                 sums[key] += value.detach().sum().item() / args.batch_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        check_finite(step + 1, loss=sums["loss"], grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
@@ -298,19 +333,21 @@ def main(args: Args) -> dict:
 
         # ---- 4. log, evaluate, save ----------------------------------------------------------------------------
         metrics = {"step": step + 1, **sums, "margin": sums["reward_chosen"] - sums["reward_rejected"],
-                   "grad_norm": grad_norm.item(), "lr": lr,
+                   "grad_norm": grad_norm, "lr": lr,
                    "train_tokens_per_s": int(n_tokens / (time.time() - t0)), "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            metrics.update(eval_accuracy=run_eval(), eval_pref_accuracy=held_out_accuracy())
+            metrics.update(evaluations())
         progress.write(log_metrics(output_dir, metrics, ("loss", "margin", "pref_accuracy", "logp_chosen",
                                                          "logp_rejected", "eval_accuracy", "eval_pref_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()})
+            progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(parse_args(Args, __doc__))

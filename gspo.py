@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
-from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, autocast, completion_logprobs, decode, encode_prompts, evaluate, find_checkpoint,
-                    generate, is_correct, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
-                    masked_mean, parse_number, prepare_output_dir, problem_stream, resolve_device, resolve_dtype,
+from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
+                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
+                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
+                    prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
                     save_pretrained, set_seed)
 
 
@@ -64,6 +63,10 @@ class Args:
     """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit (sampling and evaluation)"""
+    max_prompt_length: int = 512
+    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
+    truncate_prompts: bool = False
+    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     temperature: float = 0.7
     """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
     top_p: float = 1.0
@@ -71,11 +74,12 @@ class Args:
     eval_every: int = 20
     """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out problems per evaluation"""
+    """held-out problems per evaluation; 0 disables evaluation"""
     save_every: int = 50
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
-    """a run directory (or its checkpoint/) to continue from"""
+    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
+    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -186,24 +190,26 @@ def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
+    # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
+    checkpoint = open_run(args, "gspo")  # with --resume: the run's own flags and its latest checkpoint
+    G, n_batch = args.group_size, args.batch_size * args.group_size
+    mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)
+    check_args(args)
+    require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
+    require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
+            f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
+            f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    G, n_batch = args.group_size, args.batch_size * args.group_size
-    mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)
-    if n_batch % mini_batch_size or mini_batch_size % args.micro_batch_size:
-        raise ValueError(f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size "
-                         f"({mini_batch_size}), which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    if checkpoint and args.output_dir is None:
-        args.output_dir = str(checkpoint.parent)
-    problems = problem_stream(args.data, args.digits, args.ops, args.seed)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "gspo", args, checkpoint)
 
-    # ---- models: pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0) ---------------------------
+    # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0)
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
     ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if args.beta > 0 else None
+    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=too_long)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -219,19 +225,20 @@ def main(args: Args) -> dict:
     updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)
 
     def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
+                        args.max_prompt_length)
 
+    progress = Steps(start_step, args.max_steps, "gspo")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
-    if args.eval_every and start_step == 0:
+    if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
-        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
-
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="gspo")
+        progress.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
     for step in progress:
         # ---- 1. sample G completions per prompt from pi_old -------------------------------------------------------
         t0 = time.time()
         batch = [next(problems) for _ in range(args.batch_size)]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(G)], device)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(G)], device,
+                                                 args.max_prompt_length)
         with autocast(device, dtype):
             completion_ids, completion_mask, truncated = generate(
                 model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature, args.top_p,
@@ -264,6 +271,8 @@ def main(args: Args) -> dict:
         for _ in range(args.num_iterations):
             for mini in torch.randperm(n_batch, device=device).split(mini_batch_size):
                 mini_loss = 0.0
+                if not loss_mask[mini].any():  # every completion masked out (--mask-truncated): nothing to learn
+                    continue  # and no optimiser step (AdamW's momentum would still move the weights)
                 for mb in mini.split(args.micro_batch_size):
                     mask, A = loss_mask[mb], advantages[mb]  # one A_i per sequence
                     with autocast(device, dtype):
@@ -279,13 +288,15 @@ def main(args: Args) -> dict:
                     stats["clip_frac_low"].append(((ratio < 1 - args.clip_eps_low) & (A < 0)).float().mean().item())
                     stats["clip_frac_high"].append(((ratio > 1 + args.clip_eps_high) & (A > 0)).float().mean().item())
                     stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
-                stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                check_finite(step + 1, loss=mini_loss, grad_norm=grad_norm)  # before the update, never after
+                stats["grad_norm"].append(grad_norm)
                 stats["loss"].append(mini_loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
-        t_train = time.time() - t1
+        t_train = max(time.time() - t1, 1e-6)  # every mini-batch may have been skipped
 
         # ---- 6. log, evaluate, save -------------------------------------------------------------------------------
         lengths = completion_mask.sum(1).float()
@@ -298,14 +309,15 @@ def main(args: Args) -> dict:
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int(args.num_iterations * (prompt_mask.sum().item() + n_tokens) / t_train),
                    "step_time": time.time() - t0}
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl",
                                                          "grad_norm", "completion_len", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()})
+            progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")
     return metrics
 
@@ -316,4 +328,5 @@ def logprobs_of(model, sequences, rows, temperature: float):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(parse_args(Args, __doc__))

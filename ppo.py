@@ -26,16 +26,16 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import fmean
 
 import torch
-import tyro
-from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, autocast, completion_logprobs, decode, encode_prompts, evaluate, find_checkpoint,
-                    generate, is_correct, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
-                    masked_mean, parse_number, prepare_output_dir, problem_stream, resolve_device, resolve_dtype,
+from common import (DEFAULT_MODEL, RunError, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
+                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
+                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
+                    prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
                     save_pretrained, set_seed)
 
 
@@ -64,6 +64,10 @@ class Args:
     """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit (sampling and evaluation)"""
+    max_prompt_length: int = 512
+    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
+    truncate_prompts: bool = False
+    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     temperature: float = 0.7
     """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
     top_p: float = 1.0
@@ -71,11 +75,12 @@ class Args:
     eval_every: int = 20
     """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out problems per evaluation"""
+    """held-out problems per evaluation; 0 disables evaluation"""
     save_every: int = 50
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
-    """a run directory (or its checkpoint/) to continue from"""
+    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
+    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -219,6 +224,35 @@ def last_hidden_state(backbone, prompt_ids, prompt_mask, completion_ids, complet
                     position_ids=position_ids, use_cache=False).last_hidden_state
 
 
+def load_reward_model(name: str, tokenizer, device):
+    """--reward-model: a sequence-classification model with one output (reward.py's final/) whose tokenizer is the
+    policy's, since it scores the policy's token ids. Anything else is refused before the run writes anything: a
+    causal LM would load with a freshly drawn random head and score noise without a word. Draws no random numbers."""
+    flag, path = f"--reward-model {name}", Path(name).expanduser()
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            reward_model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=torch.float32, output_loading_info=True)
+        reward_tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{flag}: could not load a sequence-classification model and its tokenizer from it "
+                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if untrained := sorted({*info["missing_keys"], *(k[0] if isinstance(k, tuple) else k
+                                                       for k in info["mismatched_keys"])}):
+        raise RunError(f"{flag}: not a trained reward model ({', '.join(untrained)} not in the checkpoint, so they "
+                       f"would be random); pass the final/ of a reward.py run")
+    if reward_model.config.num_labels != 1:
+        raise RunError(f"{flag}: the model has {reward_model.config.num_labels} outputs; a reward model has one")
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RunError(f"{flag}: its tokenizer is not --model's, so it would read the policy's token ids as other "
+                       f"text; train the reward model from the same base model (reward.py --model)")
+    return reward_model.to(device).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """A sequence-classification model's scalar at the completion's last real token (its EOS), (B,)."""
@@ -230,29 +264,27 @@ def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, c
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
+    # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
+    checkpoint = open_run(args, "ppo")  # with --resume: the run's own flags and its latest checkpoint
+    n_batch = args.batch_size
+    check_args(args)
+    require(n_batch % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,
+            f"--batch-size ({n_batch}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), which must "
+            f"be a multiple of --micro-batch-size ({args.micro_batch_size})")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    n_batch = args.batch_size
-    if n_batch % args.mini_batch_size or args.mini_batch_size % args.micro_batch_size:
-        raise ValueError(f"--batch-size ({n_batch}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), "
-                         f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    if checkpoint and args.output_dir is None:
-        args.output_dir = str(checkpoint.parent)
-    problems = problem_stream(args.data, args.digits, args.ops, args.seed)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "ppo", args, checkpoint)
 
-    # ---- models: actor pi_theta, critic V_phi, frozen pi_ref, and the reward model if one is given ---------------
+    # actor pi_theta, critic V_phi, frozen pi_ref, and the reward model if one is given
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
     ref_model = load_model(args.model, device)[0].eval().requires_grad_(False)
     backbone = model.base_model if args.shared_backbone else load_model(args.model, device)[0].base_model
     critic = Critic(backbone, model.config.hidden_size).to(device)
-    reward_model = None
-    if args.reward_model:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=torch.float32)
-        reward_model = reward_model.to(device).eval().requires_grad_(False)
+    reward_model = load_reward_model(args.reward_model, tokenizer, device) if args.reward_model else None
+    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=too_long)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if not args.shared_backbone:
@@ -270,19 +302,20 @@ def main(args: Args) -> dict:
     problems = itertools.islice(problems, start_step * args.batch_size, None)
 
     def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
+                        args.max_prompt_length)
 
+    progress = Steps(start_step, args.max_steps, "ppo")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
-    if args.eval_every and start_step == 0:
+    if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
-        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
-
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="ppo")
+        progress.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
     for step in progress:
         # ---- 1. rollout: sample from pi_old ------------------------------------------------------------------------
         t0 = time.time()
         batch = [next(problems) for _ in range(n_batch)]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch], device)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch], device,
+                                                 args.max_prompt_length)
         with autocast(device, dtype):
             completion_ids, mask, truncated = generate(model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
                                                        args.temperature, args.top_p,
@@ -341,7 +374,9 @@ def main(args: Args) -> dict:
                     stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, m).item())
                     stats["value_clip_frac"].append(masked_mean(value_clipped, m).item())
                     stats["entropy"].append(masked_mean(entropy.detach(), m).item())
-                stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm).item())
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm).item()
+                check_finite(step + 1, loss=mini_stats["loss"], grad_norm=grad_norm)  # before the update, never after
+                stats["grad_norm"].append(grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for key, value in mini_stats.items():
@@ -368,14 +403,15 @@ def main(args: Args) -> dict:
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int(args.ppo_epochs * (prompt_mask.sum().item() + n_tokens) / t_train),
                    "step_time": time.time() - t0}
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl", "value_loss",
                                                          "explained_variance", "completion_len", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "critic": critic.state_dict(), "beta": beta})
+            progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")
     return metrics
 
@@ -386,4 +422,5 @@ def logprobs_of(model, sequences, rows, temperature: float):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(parse_args(Args, __doc__))

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import tyro
-from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
-from common import (DEFAULT_MODEL, arithmetic_problems, autocast, check_prompt, encode_completions, encode_prompts,
-                    eval_problems, find_checkpoint, load_model, load_trainer_state, log_metrics, lr_lambda,
-                    prepare_output_dir, read_jsonl, resolve_device, resolve_dtype, save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, Steps, arithmetic_problems, autocast, check_args, check_finite, check_messages,
+                    encode_completions, encode_prompts, eval_problems, exit_on_error, load_model, load_trainer_state,
+                    log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir, prompt_length_check, read_jsonl,
+                    require, resolve_device, resolve_dtype, save_pretrained, set_seed)
 
 
 @dataclass
@@ -60,14 +59,19 @@ class Args:
     """linear warmup steps, then cosine decay to 10% of the peak"""
     max_grad_norm: float = 1.0
     """gradients are clipped to this global norm"""
+    max_prompt_length: int = 512
+    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
+    truncate_prompts: bool = False
+    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     eval_every: int = 25
     """steps between held-out pairwise-accuracy evaluations (also before the first and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out pairs per evaluation"""
+    """held-out pairs per evaluation; 0 disables evaluation"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
-    """a run directory (or its checkpoint/) to continue from"""
+    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
+    --device, --gradient-checkpointing and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -114,11 +118,15 @@ def completion_text(value) -> str:
 
 
 def check_pair(row: dict) -> str | None:
+    """Why a preference pair is unusable (None if fine): chosen and rejected must each be text or chat messages
+    ending with the assistant's, and must differ (the same completion twice has loss ln 2 and zero gradient)."""
     for key in ("chosen", "rejected"):
         value = row[key]
-        if not (isinstance(value, str) or (isinstance(value, list) and value and check_prompt(value) is None
-                                            and value[-1]["role"] == "assistant")):
+        if not (isinstance(value, str) or (check_messages(value) is None and value[-1]["role"] == "assistant")):
             return f"'{key}' must be text or chat messages ending with the assistant's"
+    if completion_text(row["chosen"]) == completion_text(row["rejected"]):
+        return ("'chosen' and 'rejected' are the same completion: the pair teaches nothing (its loss is ln 2 with "
+                "zero gradient, whatever the model); remove it")
     return None
 
 
@@ -131,10 +139,12 @@ def task_pairs(problems, seed: int):
         yield {"prompt": p["prompt"], "chosen": stem + p["answer"], "rejected": stem + str(wrong)}
 
 
-def pair_stream(data: str | None, digits: int, ops: str, seed: int):
+def pair_stream(data: str | None, digits: int, ops: str, seed: int, checks=()):
+    """Training pairs forever: the built-in task's, or a JSONL file's (read and checked now, in full) reshuffled
+    every epoch."""
     if data is None:
         return task_pairs(arithmetic_problems("train", digits, ops, seed), seed)
-    rows = read_jsonl(data, ("prompt", "chosen", "rejected"), check_pair)
+    rows = read_jsonl(data, ("prompt", "chosen", "rejected"), (check_pair, *checks))
 
     def epochs(rng=random.Random(seed)):
         while True:
@@ -142,32 +152,38 @@ def pair_stream(data: str | None, digits: int, ops: str, seed: int):
     return epochs()
 
 
-def encode_pairs(tokenizer, pairs: list[dict], device):
-    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both."""
+def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None):
+    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both; prompts cut to their last
+    max_length tokens (rows from files were checked against it when read, unless --truncate-prompts)."""
     prompts = [p["prompt"] for p in pairs] * 2
     completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
-    return (*encode_prompts(tokenizer, prompts, device), *encode_completions(tokenizer, completions, device))
+    return (*encode_prompts(tokenizer, prompts, device, max_length),
+            *encode_completions(tokenizer, completions, device))
 
 
 def main(args: Args) -> dict:
+    # ---- checks: flags, the run to resume, the model, data; nothing is written before all of them pass -----------
+    checkpoint = open_run(args, "reward")  # with --resume: the run's own flags and its latest checkpoint
+    check_args(args)
+    require(args.batch_size % args.micro_batch_size == 0,
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.batch_size % args.micro_batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size}")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    if checkpoint and args.output_dir is None:
-        args.output_dir = str(checkpoint.parent)
-    pairs = pair_stream(args.data, args.digits, args.ops, args.seed)
-    eval_pairs = (read_jsonl(args.eval_data, ("prompt", "chosen", "rejected"), check_pair)[:args.eval_size]
-                  if args.eval_data else list(task_pairs(eval_problems(args.eval_size, args.digits, args.ops), seed=0)))
-    output_dir = prepare_output_dir(args.output_dir, "reward", args, checkpoint)
 
     lm, tokenizer = load_model(args.model, device)
     reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32) if checkpoint
                     else reward_model_from(lm, tokenizer)).to(device)
     del lm
+    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+    pairs = pair_stream(args.data, args.digits, args.ops, args.seed, checks=(too_long,))
+    if args.eval_data:
+        eval_pairs = read_jsonl(args.eval_data, ("prompt", "chosen", "rejected"), (check_pair, too_long))
+        eval_pairs = eval_pairs[:args.eval_size]
+    else:
+        eval_pairs = (list(task_pairs(eval_problems(args.eval_size, args.digits, args.ops), seed=0))
+                      if args.eval_size > 0 else [])
+    output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         reward_model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -186,24 +202,25 @@ def main(args: Args) -> dict:
         wins = 0
         for i in range(0, len(eval_pairs), args.micro_batch_size):
             with autocast(device, dtype):
-                sequences = encode_pairs(tokenizer, eval_pairs[i:i + args.micro_batch_size], device)
+                sequences = encode_pairs(tokenizer, eval_pairs[i:i + args.micro_batch_size], device,
+                                         args.max_prompt_length)
                 chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
             wins += (chosen > rejected).sum().item()
-        return wins / len(eval_pairs)
+        return wins / len(eval_pairs)  # only called with eval pairs
 
+    progress = Steps(start_step, args.max_steps, "reward")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
-    if args.eval_every and start_step == 0:
+    if eval_pairs and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_pair_accuracy": pairwise_accuracy()}
-        tqdm.write(log_metrics(output_dir, metrics, ("eval_pair_accuracy",)))
+        progress.write(log_metrics(output_dir, metrics, ("eval_pair_accuracy",)))
 
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="reward")
     for step in progress:
         t0 = time.time()
         batch = [next(pairs) for _ in range(args.batch_size)]
         reward_model.train()
         loss_sum, wins, margins, n_tokens = 0.0, 0, [], 0
         for i in range(0, args.batch_size, args.micro_batch_size):
-            sequences = encode_pairs(tokenizer, batch[i:i + args.micro_batch_size], device)
+            sequences = encode_pairs(tokenizer, batch[i:i + args.micro_batch_size], device, args.max_prompt_length)
             n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
                 chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
@@ -212,26 +229,29 @@ def main(args: Args) -> dict:
             loss_sum += loss.item()
             wins += (chosen > rejected).sum().item()
             margins.append((chosen - rejected).detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm).item()
+        check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        step_time = max(time.time() - t0, 1e-9)
         metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": wins / args.batch_size,
-                   "margin": torch.cat(margins).mean().item(), "grad_norm": grad_norm.item(),
-                   "lr": lr, "train_tokens_per_s": int(n_tokens / (time.time() - t0)),
-                   "step_time": time.time() - t0}
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+                   "margin": torch.cat(margins).mean().item(), "grad_norm": grad_norm,
+                   "lr": lr, "train_tokens_per_s": int(n_tokens / step_time), "step_time": step_time}
+        if eval_pairs and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_pair_accuracy"] = pairwise_accuracy()
         progress.write(log_metrics(output_dir, metrics, ("loss", "pair_accuracy", "margin", "eval_pair_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(reward_model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()})
+            progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(reward_model, tokenizer, output_dir / "final")
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(parse_args(Args, __doc__))

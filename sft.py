@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import tyro
-from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, autocast, completion_logprobs, encode_completions, encode_prompts, evaluate,
-                    find_checkpoint, load_eval_set, load_model, load_trainer_state, log_metrics, lr_lambda,
-                    prepare_output_dir, problem_stream, resolve_device, resolve_dtype, save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, check_messages, completion_logprobs,
+                    encode_completions, encode_prompts, evaluate, exit_on_error, load_eval_set, load_model,
+                    load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
+                    problem_stream, prompt_length_check, require, resolve_device, resolve_dtype, save_pretrained,
+                    set_seed)
 
 
 @dataclass
@@ -53,14 +53,19 @@ class Args:
     """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit for the greedy evaluation"""
+    max_prompt_length: int = 512
+    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
+    truncate_prompts: bool = False
+    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     eval_every: int = 50
     """steps between held-out evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out problems per evaluation"""
+    """held-out problems per evaluation; 0 disables evaluation"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
-    """a run directory (or its checkpoint/) to continue from"""
+    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
+    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -82,20 +87,21 @@ class Args:
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """[SFT-LOSS] -(1/N) sum_t log pi(y_t | ...) over completion tokens. num_tokens = N counts the tokens of the whole
     optimiser batch, so micro-batch losses add up to the batch mean (not to a mean of micro-batch means)."""
-    return -(logprobs * mask).sum() / num_tokens
+    return -(logprobs * mask).sum() / max(num_tokens, 1)  # every completion holds its EOS: N >= 1, never 0/0
 
 
 def check_row(row: dict) -> str | None:
-    """A data row is {prompt, completion} or {messages: [..., {"role": "assistant", ...}]}."""
+    """A data row is {prompt, completion} or {messages: [..., {"role": "assistant", ...}]}, every message checked."""
     if "messages" in row:
         messages = row["messages"]
-        if not (isinstance(messages, list) and len(messages) >= 2 and all(isinstance(m, dict) for m in messages)
-                and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str)):
-            return "'messages' must be a list of at least two messages ending with the assistant's"
+        if problem := check_messages(messages):
+            return f"'messages' {problem}"
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            return "'messages' must be a list of at least two messages ending with the assistant's (the completion)"
         return None
     if "prompt" not in row or "completion" not in row:
         return f"needs `prompt` and `completion`, or `messages` (has: {', '.join(row) or 'none'})"
-    return None if isinstance(row["completion"], str) else "'completion' must be a string"
+    return None if isinstance(row["completion"], str) else "'completion' must be text (a JSON string)"
 
 
 def to_example(row: dict) -> tuple:
@@ -106,21 +112,24 @@ def to_example(row: dict) -> tuple:
 
 
 def main(args: Args) -> dict:
-    # ---- setup --------------------------------------------------------------------------------------------------
+    # ---- checks: flags, the run to resume, the model, data; nothing is written before all of them pass -----------
+    checkpoint = open_run(args, "sft")  # with --resume: the run's own flags and its latest checkpoint
+    check_args(args)
+    require(args.batch_size % args.micro_batch_size == 0,
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.batch_size % args.micro_batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size}")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    if checkpoint and args.output_dir is None:
-        args.output_dir = str(checkpoint.parent)  # keep appending to the same run
-    rows = problem_stream(args.data, args.digits, args.ops, args.seed, fields=(), check=check_row)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops)
-    output_dir = prepare_output_dir(args.output_dir, "sft", args, checkpoint)
 
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+
+    def prompt_too_long(row: dict) -> str | None:  # a chat row's prompt is its messages before the last
+        return too_long({"prompt": to_example(row)[0]})
+
+    rows = problem_stream(args.data, args.digits, args.ops, args.seed, fields=(), checks=(check_row, prompt_too_long))
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -135,19 +144,20 @@ def main(args: Args) -> dict:
 
     def run_eval() -> float:
         model.eval()
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype)
+        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
+                        args.max_prompt_length)
 
+    progress = Steps(start_step, args.max_steps, "sft")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
-    if args.eval_every and start_step == 0:
+    if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
-        tqdm.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
+        progress.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
 
     # ---- training loop ------------------------------------------------------------------------------------------
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="sft")
     for step in progress:
         t0 = time.time()
         prompts, completions = zip(*(to_example(next(rows)) for _ in range(args.batch_size)))
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), device)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), device, args.max_prompt_length)
         completion_ids, completion_mask = encode_completions(tokenizer, list(completions), device)
         num_tokens = int(completion_mask.sum())  # N of [SFT-LOSS], over the whole batch
 
@@ -161,27 +171,31 @@ def main(args: Args) -> dict:
             loss = sft_loss(logprobs, completion_mask[mb], num_tokens)  # [SFT-LOSS]
             loss.backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log, evaluate, save ----------------------------------------------------------------------------------
-        metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm.item(),
+        step_time = max(time.time() - t0, 1e-9)
+        metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm,
                    "lr": lr, "completion_len": num_tokens / args.batch_size,
-                   "train_tokens_per_s": int((prompt_mask.sum() + num_tokens) / (time.time() - t0)),
-                   "step_time": time.time() - t0}
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+                   "train_tokens_per_s": int((prompt_mask.sum().item() + num_tokens) / step_time),
+                   "step_time": step_time}
+        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
         progress.write(log_metrics(output_dir, metrics, ("loss", "grad_norm", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()})
+            progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(parse_args(Args, __doc__))

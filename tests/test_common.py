@@ -147,7 +147,7 @@ def test_prompts_without_chat_template_are_plain_text():
 ])
 def test_parse_number(text, expected):
     result = common.parse_number(text)
-    assert (result is None) if expected is None else (result == common.Decimal(expected))
+    assert (result is None) if expected is None else (result == common.Fraction(expected))
 
 
 def test_is_correct_compares_numbers_not_strings():
@@ -185,13 +185,13 @@ def write(tmp_path, lines):
     (['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": 2'], "data.jsonl:2: not valid JSON"),
     (['{"prompt": "a", "answer": 1}', '', '{"prompt": "b"}'], "data.jsonl:3: missing field(s) answer"),
     (['[1, 2]'], "data.jsonl:1: expected a JSON object"),
-    (['{"prompt": "a", "answer": "many"}'], "data.jsonl:1: 'answer' = 'many' holds no number"),
-    (['{"prompt": 3, "answer": 3}'], "data.jsonl:1: 'prompt' must be a string or"),
+    (['{"prompt": "a", "answer": "many"}'], "data.jsonl:1: 'answer' = \"many\" is not one number"),
+    (['{"prompt": 3, "answer": 3}'], "data.jsonl:1: 'prompt' must be a non-empty list of"),
     ([''], "no rows"),
 ])
 def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        common.read_jsonl(write(tmp_path, lines), ("prompt", "answer"))
+    with pytest.raises(common.RunError, match=re.escape(message)):
+        common.problem_stream(str(write(tmp_path, lines)), 2, "+", seed=0)
 
 
 def test_jsonl_rows_load_and_stream_reshuffles_every_epoch(tmp_path):
@@ -202,7 +202,7 @@ def test_jsonl_rows_load_and_stream_reshuffles_every_epoch(tmp_path):
 
 
 def test_missing_data_file_fails_before_any_training(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
+    with pytest.raises(common.RunError, match="nope.jsonl: no such file"):
         common.problem_stream(str(tmp_path / "nope.jsonl"), 2, "+", seed=0)
 
 
@@ -212,12 +212,12 @@ def test_missing_data_file_fails_before_any_training(tmp_path):
     ("./no/such/dir", "no such directory"), ("/tmp/missing-model.gguf", "no such .gguf file"),
 ])
 def test_unknown_model_path_is_a_clear_error(name, message):
-    with pytest.raises(FileNotFoundError, match=message):
+    with pytest.raises(common.RunError, match=message):
         common.load_model(name)
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(common.RunError, match="no config.json"):
         common.load_model(str(tmp_path))
 
 
@@ -263,9 +263,11 @@ def test_resume_restores_the_random_state(tmp_path, tiny_model_dir):
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
-        common.find_checkpoint(str(tmp_path))
+def test_resume_without_a_run_is_a_clear_error(tmp_path):
+    args = type("Args", (), {})()
+    args.resume, args.output_dir = str(tmp_path), None
+    with pytest.raises(common.RunError, match="no run there"):
+        common.open_run(args, "x")
 
 
 # ---- the embedded default model (real SmolLM2 weights; fetched and converted on first use) ------------------------

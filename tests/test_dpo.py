@@ -4,6 +4,7 @@ import json
 import math
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -135,13 +136,59 @@ def test_built_in_pairs_are_sampled_saved_and_reused_on_resume(tmp_path, tiny_mo
 
 def test_no_pairs_at_all_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(dpo, "is_correct", lambda completion, answer: False)
-    with pytest.raises(RuntimeError, match="no prompt gave both a right and a wrong completion"):
+    with pytest.raises(common.RunError, match="no prompt gave both a right and a wrong completion"):
         dpo.main(toy_args(tmp_path, tiny_model_dir, data=None, digits=1, num_prompts=4, num_samples=2,
                           max_new_tokens=2))
+    assert not (tmp_path / "run").exists()  # the pairs are built before anything is written
 
 
 def test_bad_pair_rows_name_file_and_line(tmp_path, tiny_model_dir):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": [], "rejected": "b"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: 'chosen' must be text or chat messages"):
+    with pytest.raises(common.RunError, match="bad.jsonl:2: 'chosen' must be text or chat messages"):
         dpo.main(toy_args(tmp_path, tiny_model_dir, data=str(path)))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("chosen, rejected", [
+    ('"7"', '"7"'),
+    ('[{"role": "user", "content": "p"}, {"role": "assistant", "content": "7"}]', '"7"'),  # the same completion
+])
+def test_a_pair_with_the_same_chosen_and_rejected_is_a_file_line_error(tmp_path, tiny_model_dir, chosen, rejected):
+    path = tmp_path / "same.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "7", "rejected": "3"}\n\n'
+                    f'{{"prompt": "p", "chosen": {chosen}, "rejected": {rejected}}}\n')
+    with pytest.raises(common.RunError, match=r"same\.jsonl:3: 'chosen' and 'rejected' are the same completion"):
+        dpo.main(toy_args(tmp_path, tiny_model_dir, data=str(path)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_before_the_update_and_saves_nothing(tmp_path, tiny_model_dir):
+    with pytest.raises(common.NonFiniteError, match=r"step \d+: non-finite") as error:
+        dpo.main(toy_args(tmp_path, tiny_model_dir, learning_rate=1e30, warmup_steps=0, max_steps=20, eval_every=0))
+    bad_step = int(str(error.value).split()[1].rstrip(":"))
+    assert bad_step > 1  # it did run, then went non-finite
+    assert len(logged(tmp_path)) == bad_step - 1  # every logged step finite; the bad one neither applied nor logged
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in logged(tmp_path))
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_eval_size_zero_skips_the_task_evaluation_but_not_the_preference_accuracy(tmp_path, tiny_model_dir):
+    last = dpo.main(toy_args(tmp_path, tiny_model_dir, eval_size=0, max_steps=1, eval_every=1))
+    assert "eval_accuracy" not in last and last["eval_pref_accuracy"] is not None
+    assert [sorted(k for k in row if k.startswith("eval")) for row in logged(tmp_path)] == [["eval_pref_accuracy"]] * 2
+
+
+def test_a_run_resumed_without_a_checkpoint_starts_over_and_rebuilds_its_pairs(tmp_path, tiny_model_dir):
+    args = dict(max_steps=2, eval_every=0, save_every=1000)
+    dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
+    first = (tmp_path / "run" / "pairs.jsonl").read_text()
+    final, _ = common.load_model(str(tmp_path / "run" / "final"))
+    shutil.rmtree(tmp_path / "run" / "final")  # as if it had stopped before its first checkpoint
+    (tmp_path / "run" / "pairs.jsonl").write_text("")
+    dpo.main(toy_args(tmp_path, tiny_model_dir, **args, resume=str(tmp_path / "run")))
+    assert (tmp_path / "run" / "pairs.jsonl").read_text() == first
+    assert [row["step"] for row in logged(tmp_path)] == [1, 2]
+    again, _ = common.load_model(str(tmp_path / "run" / "final"))
+    for p, q in zip(final.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q)

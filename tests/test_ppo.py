@@ -196,3 +196,40 @@ def test_ppo_runs_with_a_reward_model_from_reward_py(tmp_path, tiny_model_dir):
     last = ppo.main(toy_args(tmp_path, tiny_model_dir, reward_model=str(tmp_path / "rm" / "final"), max_steps=2,
                              target_kl=0.1, early_stop_kl=1.0))
     assert math.isfinite(last["reward_mean"]) and last["beta"] != 0.05  # scored by the model, beta adapted
+
+
+def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """Bit-exact: the critic (head and its own backbone) and the adapted beta travel in the checkpoint."""
+    args = dict(max_steps=4, save_every=2, batch_size=16, mini_batch_size=8, micro_batch_size=8, learning_rate=1e-2,
+                max_new_tokens=1, format_reward=1.0, target_kl=0.01)  # one token: a digit ~1 in 8, rewards not all 0
+    ppo.main(toy_args(tmp_path, tiny_model_dir, **args))
+    ppo.main(toy_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"), output_dir=str(tmp_path / "resumed"),
+                      **args))
+    a, _ = common.load_model(str(tmp_path / "run" / "final"))
+    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
+            for run in (tmp_path / "run", tmp_path / "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4  # value_loss and beta too: the critic and beta were restored
+    assert rows[0][-1]["beta"] != 0.05 and rows[0][-1]["value_loss"] > 0
+
+
+@pytest.mark.parametrize("flag, message", [
+    (dict(temperature=0.0), "--temperature 0.0: must be > 0"), (dict(gamma=1.5), "--gamma 1.5: must be in"),
+    (dict(mini_batch_size=12), r"--batch-size \(32\) must be a multiple of --mini-batch-size \(12\)"),
+    (dict(clip_value=-1.0), "--clip-value"), (dict(vf_coef=float("inf")), "--vf-coef inf: must be a finite number"),
+])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, flag, message):
+    with pytest.raises(common.RunError, match=message):
+        ppo.main(toy_args(tmp_path, tiny_model_dir, **flag))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_or_untrained_reward_model_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    with pytest.raises(common.RunError, match="--reward-model .*nope: no such directory"):
+        ppo.main(toy_args(tmp_path, tiny_model_dir, reward_model=str(tmp_path / "nope")))
+    # a causal LM would load as a classifier with a random score head, and score noise without a word
+    with pytest.raises(common.RunError, match=r"--reward-model .*: not a trained reward model \(score.weight"):
+        ppo.main(toy_args(tmp_path, tiny_model_dir, reward_model=tiny_model_dir))
+    assert not (tmp_path / "run").exists()

@@ -1,10 +1,13 @@
 """reinforce.py: returns and baselines by hand and brute force, baseline invariance measured, learning end to end."""
 
+import json
+import re
 
 import pytest
 import torch
 from conftest import logged, toy_task
 
+import common
 import reinforce
 
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
@@ -109,5 +112,85 @@ def test_reinforce_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_d
 
 
 def test_rloo_needs_two_samples_per_prompt(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match="--baseline rloo needs --group-size >= 2"):
+    with pytest.raises(common.RunError, match="--baseline rloo needs --group-size >= 2"):
         reinforce.main(toy_args(tmp_path, tiny_model_dir, group_size=1))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("flag", [dict(temperature=0.0), dict(gamma=1.5), dict(baseline_decay=1.0),
+                                  dict(learning_rate=float("nan"))])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, flag):
+    with pytest.raises(common.RunError, match="--" + next(iter(flag)).replace("_", "-")):
+        reinforce.main(toy_args(tmp_path, tiny_model_dir, **flag))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_over_the_length_limit_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    with pytest.raises(common.RunError, match=r"toy.jsonl:1: the prompt is \d+ tokens, over --max-prompt-length 8"):
+        reinforce.main(toy_args(tmp_path, tiny_model_dir, max_prompt_length=8))
+    assert not (tmp_path / "run").exists()
+
+
+def files_of(directory):
+    return {f.relative_to(directory): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_divergence_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """A learning rate of 1e30 blows the weights up after the first step with a gradient: the next step's gradient
+    norm is NaN. The run must stop there, before optimizer.step(), leaving the previous checkpoint as it was."""
+    saved = []  # the checkpoint's bytes after every save
+    original = reinforce.save_pretrained
+
+    def recording_save(model, tokenizer, target, trainer_state=None):
+        original(model, tokenizer, target, trainer_state)
+        saved.append(files_of(target))
+    monkeypatch.setattr(reinforce, "save_pretrained", recording_save)
+
+    with pytest.raises(common.NonFiniteError, match=r"step (\d+): non-finite") as error:
+        reinforce.main(toy_args(tmp_path, tiny_model_dir, baseline="none", learning_rate=1e30, max_steps=10,
+                                save_every=1))
+    failed = int(re.search(r"step (\d+)", str(error.value)).group(1))
+    run = tmp_path / "run"
+    assert failed >= 2 and len(saved) == failed - 1  # a checkpoint after every step before the failing one
+    assert not (run / "final").exists()
+    assert files_of(run / "checkpoint") == saved[-1]  # byte-identical: not overwritten by the failing step
+    assert common.read_trainer_state(run / "checkpoint")["step"] == failed - 1
+    model, _ = common.load_model(str(run / "checkpoint"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert logged(run, "step") == list(range(1, failed))  # the failing step logged nothing
+
+
+def test_reinforce_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """Bit-exact, with the --baseline mean's running mean carried in the checkpoint."""
+    args = dict(baseline="mean", max_steps=4, save_every=2, batch_size=4, group_size=4, learning_rate=1e-2,
+                max_new_tokens=1, format_reward=1.0)  # one token: a digit ~1 time in 8, so rewards are not all 0
+    reinforce.main(toy_args(tmp_path, tiny_model_dir, **args))
+    reinforce.main(toy_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"),
+                            output_dir=str(tmp_path / "resumed"), **args))
+    a, _ = common.load_model(str(tmp_path / "run" / "final"))
+    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
+            for run in (tmp_path / "run", tmp_path / "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4 and rows[0][-1]["reward_mean"] > 0
+
+
+def test_eval_size_zero_disables_evaluation(tmp_path, tiny_model_dir):
+    last = reinforce.main(toy_args(tmp_path, tiny_model_dir, max_steps=2, batch_size=2, group_size=2, eval_every=1,
+                                   eval_size=0))
+    assert "eval_accuracy" not in last and logged(tmp_path / "run", "step") == [1, 2]
+
+
+def test_a_stop_request_saves_the_step_and_stops(tmp_path, tiny_model_dir, monkeypatch):
+    """Ctrl-C (as Steps records it) after step 1: that step is checkpointed whatever --save-every, and nothing more."""
+    class StopAfterFirst(common.Steps):
+        def __iter__(self):
+            for step in super().__iter__():
+                self.stop_requested = True  # as if Ctrl-C came during the step
+                yield step
+    monkeypatch.setattr(reinforce, "Steps", StopAfterFirst)
+    with pytest.raises(common.Interrupted, match="after step 1"):
+        reinforce.main(toy_args(tmp_path, tiny_model_dir, max_steps=4, batch_size=2, group_size=2))
+    assert common.read_trainer_state(tmp_path / "run" / "checkpoint")["step"] == 1
+    assert not (tmp_path / "run" / "final").exists() and logged(tmp_path / "run", "step") == [1]

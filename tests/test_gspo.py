@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import logged, make_model, make_tokenizer, toy_task
+from helpers import logged, make_model, make_tokenizer, toy_task
 
 import common
 import grpo
@@ -33,12 +33,11 @@ def test_token_level_ratio_has_the_sequence_value_and_the_same_gradient_when_adv
     old = torch.randn(3, 5)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     A = torch.tensor([0.5, -1.0, 2.0])
-    args = gspo.Args(clip_eps_low=10.0, clip_eps_high=10.0)  # wide: this checks the estimator, not the clipping
 
     def grad(token_level):
         logprobs = (old + 0.1 * torch.randn(3, 5, generator=torch.Generator().manual_seed(1))).requires_grad_()
-        args.token_level = token_level
-        loss, ratio = gspo.sequence_loss(logprobs, old, None, A, mask, args)
+        # a wide clip range: this checks the estimator, not the clipping
+        loss, ratio = gspo.sequence_loss(logprobs, old, None, A, mask, 10.0, 10.0, token_level=token_level)
         loss.sum().backward()
         return ratio, logprobs.grad
 
@@ -75,8 +74,7 @@ def grpo_loss(old, mask):
 
 def gspo_loss(old, mask):
     def f(logprobs):
-        loss, _ = gspo.sequence_loss(logprobs, old(logprobs), None, A, mask, gspo.Args(clip_eps_low=0.2,
-                                                                                         clip_eps_high=0.2))
+        loss, _ = gspo.sequence_loss(logprobs, old(logprobs), None, A, mask, 0.2, 0.2)
         return loss.sum() / 4
     return f
 
@@ -105,8 +103,9 @@ def test_off_policy_gspo_and_grpo_gradients_differ():
 ])
 def test_gspo_clips_the_sequence_ratio_with_its_tight_range(mean_log_ratio, advantage, has_gradient):
     logprobs = torch.full((1, 3), -1.0 + mean_log_ratio, requires_grad=True)
+    defaults = gspo.Args()
     loss, ratio = gspo.sequence_loss(logprobs, torch.full((1, 3), -1.0), None, torch.tensor([advantage]),
-                                     torch.ones(1, 3), gspo.Args())
+                                     torch.ones(1, 3), defaults.clip_eps_low, defaults.clip_eps_high)
     loss.sum().backward()
     assert ratio.item() == pytest.approx(math.exp(mean_log_ratio))
     assert (logprobs.grad.abs().sum().item() > 0) == has_gradient

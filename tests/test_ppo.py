@@ -1,4 +1,5 @@
-"""ppo.py and reward.py: GAE against the direct sum, rewards, clipping, the critic, [BT], learning end to end."""
+"""ppo.py: GAE against the direct sum, rewards, clipping, the critic, learning end to end (reward.py's own tests:
+test_reward.py)."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import logged, toy_task
+from helpers import logged, toy_task
 
 import common
 import ppo
@@ -60,7 +61,7 @@ def test_gae_lambda_one_is_monte_carlo_return_minus_value():
 def test_score_lands_on_the_last_real_token_and_kl_on_every_token():
     """pad == EOS: rows 0 and 1 end in EOS followed by pad ids equal to it; the score must sit on the first one."""
     kl = torch.full((3, 5), 2.0)
-    rewards = ppo.token_rewards(torch.tensor([1.0, -1.0, 3.0]), kl, MASK, beta=0.1)
+    rewards = ppo.token_rewards(torch.tensor([1.0, -1.0, 3.0]), MASK, kl, beta=0.1)
     expected = -0.2 * MASK.float()
     expected[0, 3] += 1.0
     expected[1, 1] -= 1.0
@@ -119,14 +120,10 @@ def test_critic_starts_at_zero_and_reads_the_state_before_each_token(tiny_model_
     torch.testing.assert_close(critic(batch[0], batch[1], other, batch[3])[:, 0], values[:, 0])
 
 
-# ---- [BT] reward model -----------------------------------------------------------------------------------------------
-
-def test_bradley_terry_loss_by_hand():
-    loss = reward.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(loss, torch.tensor([math.log(1 + math.exp(-1)), math.log(2)]))
-
+# ---- pairs for a reward model from reward.py -------------------------------------------------------------------------
 
 def pair_files(tmp_path):
+    """Train and eval JSONL files of toy preference pairs (the same as test_reward.py's)."""
     rng = random.Random(0)
     rows = []
     for i in range(60):
@@ -138,24 +135,6 @@ def pair_files(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
     return str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
-
-
-def test_reward_model_learns_to_rank_toy_pairs(tmp_path, tiny_model_dir):
-    data, eval_data = pair_files(tmp_path)
-    last = reward.main(reward.Args(model=tiny_model_dir, data=data, eval_data=eval_data,
-                                   output_dir=str(tmp_path / "rm"), max_steps=30, batch_size=16, micro_batch_size=8,
-                                   learning_rate=3e-3, warmup_steps=2, eval_every=30))
-    log = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
-    assert log[0]["eval_pair_accuracy"] < 0.8  # a random head ranks the held-out pairs by chance
-    assert log[1]["loss"] > 0.5
-    assert last["eval_pair_accuracy"] == 1.0 and last["loss"] < 0.1
-
-
-def test_bad_pair_rows_name_file_and_line(tmp_path, tiny_model_dir):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": 3}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: 'rejected' must be text or chat messages"):
-        reward.main(reward.Args(model=tiny_model_dir, data=str(path), output_dir=str(tmp_path / "rm")))
 
 
 # ---- learning, end to end -------------------------------------------------------------------------------------------

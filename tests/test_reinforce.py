@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import logged, toy_task
+from helpers import logged, toy_task
 
 import common
 import reinforce
@@ -101,7 +101,7 @@ def test_reinforce_learns_the_toy_task(tmp_path, tiny_model_dir, baseline):
     rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.8
-    assert (last["kl"] > 0) == (baseline == "reinforce++")  # the reference model is used only where KL is on
+    assert (last["kl_k1"] > 0) == (baseline == "reinforce++")  # the reference model is used only where KL is on
 
 
 def test_reinforce_with_flipped_advantages_does_not_learn(tmp_path, tiny_model_dir, monkeypatch):

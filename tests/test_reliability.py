@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged, toy_task
+from helpers import logged, toy_task
 
 import common
 import grpo
@@ -200,7 +200,7 @@ def test_resume_refuses_a_changed_flag_and_lists_it(finished_run):
     run, _, _ = finished_run
     args_json = (run / "args.json").read_text()
     argv = ["--resume", str(run), "--beta", "0.5", "--learning-rate", "0.1", "--max-steps", "6"]
-    with pytest.raises(common.RunError, match=r"--learning-rate 0.1 \(the run's: 0.001\); --beta 0.5 \(the run's: 0.02\)"):
+    with pytest.raises(common.RunError, match=r"--beta 0.5 \(the run's: 0.02\); --learning-rate 0.1 \(the run's: 0.001\)"):
         grpo.main(common.parse_args(grpo.Args, argv=argv))
     assert (run / "args.json").read_text() == args_json
 
@@ -307,7 +307,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_completes_the_run(finished
         return original(*args, **kwargs)
     monkeypatch.setattr(grpo, "reward", reward_then_interrupt)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(common.Interrupted, match=f"after step 2, whose checkpoint is saved: continue with --resume"):
+    with pytest.raises(common.Interrupted, match="after step 2, whose checkpoint is saved: continue with --resume"):
         grpo.main(small_args(tmp_path, tiny_model_dir, save_every=1000, output_dir=str(interrupted)))
     monkeypatch.setattr(grpo, "reward", original)
     assert common.read_trainer_state(interrupted / "checkpoint")["step"] == 2

@@ -7,10 +7,9 @@ import re
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 import common
-import reward
 import sft
 
 
@@ -241,18 +240,3 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_checkpoint(tmp_p
     assert common.read_trainer_state(checkpoint)["step"] == 1
     model, _ = common.load_model(str(checkpoint))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-# ---- reward.py's pair check (its other tests are in test_ppo.py) -------------------------------------------------
-
-@pytest.mark.parametrize("pair", [
-    {"prompt": "p", "chosen": "same", "rejected": "same"},
-    {"prompt": "p", "chosen": [{"role": "assistant", "content": "same"}], "rejected": "same"},
-])
-def test_reward_refuses_a_pair_with_the_same_completion_twice(tmp_path, tiny_model_dir, pair):
-    path = write_lines(tmp_path / "pairs.jsonl", [b'{"prompt": "p", "chosen": "a", "rejected": "b"}',
-                                                  json.dumps(pair).encode()])
-    with pytest.raises(common.RunError, match=re.escape("pairs.jsonl:2: 'chosen' and 'rejected' are the same "
-                                                        "completion: the pair teaches nothing")):
-        reward.main(reward.Args(model=tiny_model_dir, data=path, output_dir=str(tmp_path / "rm")))
-    assert not (tmp_path / "rm").exists()

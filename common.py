@@ -411,8 +411,7 @@ def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("
     the answer check when rows have answers) reshuffled every epoch."""
     if data is None:
         return task_problems(task, "train", digits, ops, seed)
-    checks = (checks,) if callable(checks) else tuple(checks)
-    rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + checks)
+    rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + as_checks(checks))
 
     def epochs(rng=random.Random(seed)):
         while True:
@@ -450,8 +449,7 @@ def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, 
     """Held-out problems: the first eval_size rows of a prompt/answer JSONL (all of them checked), or the built-in
     held-out split. eval_size 0: no evaluation, an empty list."""
     if eval_data:
-        checks = (checks,) if callable(checks) else tuple(checks)
-        return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *checks))[:eval_size]
+        return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *as_checks(checks)))[:eval_size]
     return eval_problems(eval_size, digits, ops, task) if eval_size else []
 
 
@@ -481,6 +479,11 @@ def check_prompt(prompt) -> str | None:
     return None if isinstance(prompt, str) else check_messages(prompt)
 
 
+def as_checks(checks) -> tuple:
+    """Row checks given as one function or several."""
+    return (checks,) if callable(checks) else tuple(checks)
+
+
 def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> list[dict]:
     """Rows of a UTF-8 JSONL file (a BOM is accepted) that have `fields`; a "prompt" must be text or chat messages;
     each `checks` function may return what else is wrong with a row. The first bad row is an error naming the file
@@ -488,7 +491,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> lis
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no such file")
-    checks = (checks,) if callable(checks) else tuple(checks)
+    checks = as_checks(checks)
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):

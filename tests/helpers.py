@@ -5,6 +5,7 @@ The tokenizer mimics SmolLM2's: a ChatML chat template, and pad == EOS == <|im_e
 from `ids == pad` would hide the EOS a model has to learn."""
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -49,3 +50,18 @@ def toy_task(tmp_path) -> str:
 def logged(run_dir, key: str) -> list:
     """One metric from every line of a run's metrics.jsonl (None where the line lacks it)."""
     return [json.loads(line).get(key) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def pair_files(tmp_path):
+    """Train and eval JSONL files of toy preference pairs: "yes" is chosen over "no", as text or as chat messages."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        a = rng.randint(0, 9)
+        good, bad = f"yes {a}", f"no {a}"
+        rows.append({"prompt": f"Is {a} fine?", "chosen": good, "rejected": bad} if i % 2 else
+                    {"prompt": f"Is {a} fine?", "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": bad}]})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    return str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")

@@ -3,11 +3,10 @@ test_reward.py)."""
 
 import json
 import math
-import random
 
 import pytest
 import torch
-from helpers import logged, toy_task
+from helpers import logged, pair_files, toy_task
 
 import common
 import ppo
@@ -121,21 +120,6 @@ def test_critic_starts_at_zero_and_reads_the_state_before_each_token(tiny_model_
 
 
 # ---- pairs for a reward model from reward.py -------------------------------------------------------------------------
-
-def pair_files(tmp_path):
-    """Train and eval JSONL files of toy preference pairs (the same as test_reward.py's)."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(60):
-        a = rng.randint(0, 9)
-        good, bad = f"yes {a}", f"no {a}"
-        rows.append({"prompt": f"Is {a} fine?", "chosen": good, "rejected": bad} if i % 2 else
-                    {"prompt": f"Is {a} fine?", "chosen": [{"role": "assistant", "content": good}],
-                     "rejected": [{"role": "assistant", "content": bad}]})
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
-    return str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
-
 
 # ---- learning, end to end -------------------------------------------------------------------------------------------
 

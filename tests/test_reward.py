@@ -2,11 +2,11 @@
 
 import json
 import math
-import random
 import re
 
 import pytest
 import torch
+from helpers import pair_files
 
 import common
 import reward
@@ -20,21 +20,6 @@ def test_bradley_terry_loss_by_hand():
 
 
 # ---- learning, end to end --------------------------------------------------------------------------------------------
-
-def pair_files(tmp_path):
-    """Train and eval JSONL files of toy preference pairs: "yes" is chosen over "no", as text or as chat messages."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(60):
-        a = rng.randint(0, 9)
-        good, bad = f"yes {a}", f"no {a}"
-        rows.append({"prompt": f"Is {a} fine?", "chosen": good, "rejected": bad} if i % 2 else
-                    {"prompt": f"Is {a} fine?", "chosen": [{"role": "assistant", "content": good}],
-                     "rejected": [{"role": "assistant", "content": bad}]})
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
-    return str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
-
 
 def test_reward_model_learns_to_rank_toy_pairs(tmp_path, tiny_model_dir):
     data, eval_data = pair_files(tmp_path)

@@ -34,11 +34,16 @@ import threading
 import time
 import zipfile
 import zlib
+from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import tyro
 from packaging.requirements import InvalidRequirement, Requirement
 from tqdm import tqdm
@@ -134,6 +139,8 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, tem
     softmax(logits / temperature) (no top-k, no repetition penalty, whatever the checkpoint's generation config
     says), optionally nucleus-filtered (top_p < 1).
 
+    Under FSDP every forward pass is collective: synced_gpus keeps a rank that is done stepping until all are.
+
     Returns completion_ids (B, C) with pad after the first EOS, completion_mask (B, C) up to and including that EOS,
     and truncated (B,), True where the completion hit max_new_tokens without an EOS."""
     eos_ids = eos_token_ids(model, tokenizer)
@@ -151,7 +158,7 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, tem
             rows = slice(i, i + (batch_size or len(prompt_ids)))
             try:
                 out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
-                                     generation_config=config)
+                                     generation_config=config, synced_gpus=is_sharded(model) and world_size() > 1)
             except RuntimeError as e:  # torch.multinomial on NaN or infinite probabilities
                 if "probability tensor" in str(e):
                     raise NonFiniteError(f"sampling: the policy's probabilities are not finite ({e}); its weights "
@@ -285,8 +292,8 @@ def arithmetic_problems(split: str, digits: int = 2, ops: str = "+", seed: int =
             yield {"prompt": PROMPT_TEMPLATE.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))}
 
 
-SUM_TEMPLATE = ("Add {numbers} one step at a time: one line per partial sum, in the form a + b = c, each line "
-                "adding the next number to the previous line's result. The last result is the answer.")
+SUM_TEMPLATE = ("Compute {numbers}, adding one number at a time. Write each partial sum on its own line as "
+                "a + b = c.")
 
 
 def sum_problems(split: str, digits: int = 2, seed: int = 0):
@@ -436,12 +443,17 @@ def eval_problems(n: int, digits: int = 2, ops: str = "+", task: str = "arithmet
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int, device, dtype,
              max_prompt_length: int | None = None) -> float:
-    """Greedy accuracy on held-out problems."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in problems], device, max_prompt_length)
+    """Greedy accuracy on held-out problems. Under torchrun each rank answers every W-th problem (all ranks the same
+    number of generate calls, as FSDP needs: a short share repeats its first problem, not counted) and the right
+    answers are summed over ranks."""
+    mine = problems[rank()::world_size()]
+    padded = mine + (mine or problems)[:1] * (-(-len(problems) // world_size()) - len(mine))
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in padded], device, max_prompt_length)
     with autocast(device, dtype):
         ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True,
                                 batch_size=batch_size)
-    return sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), problems)) / len(problems)
+    right = sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), mine))
+    return all_reduce(right) / len(problems)
 
 
 def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=(),
@@ -710,13 +722,198 @@ def check_finite(step: int, **values: float) -> None:
                              f"at the data (or rewards) of this step; --resume continues from the last checkpoint.")
 
 
+# ---- several processes: torchrun -------------------------------------------------------------------------------
+# `torchrun --nproc-per-node N script.py ...` starts N copies of a script, one per device, and sets RANK, WORLD_SIZE
+# and LOCAL_RANK. Every rank reads the same data in the same order and takes its share of each global batch
+# (`share`); batch sizes stay global, so the math does not depend on N. Each rank's loss is its share of the batch's
+# loss (counts are all-reduced before dividing), so the batch's gradient is the sum of the ranks' gradients
+# (`all_reduce_gradients`, once per optimiser step). The model is either replicated (DDP's scheme: every rank holds
+# all of it and starts from rank 0's weights) or, with --fsdp, sharded by FSDP2 (`distribute`). Rank 0 writes logs and
+# checkpoints. Without torchrun every helper here is a no-op: rank 0 of 1.
+
+def init_distributed(device: str, fsdp: bool = False) -> torch.device:
+    """This process's device. Under torchrun, also join the process group (NCCL on GPUs, one per rank; gloo on CPU)
+    with a timeout on collectives (POSTTRAIN_TIMEOUT_S, default 600 s): a rank that stops answering makes the others
+    fail with an error instead of hanging forever."""
+    resolved = resolve_device(device)
+    if fsdp and "RANK" not in os.environ:
+        raise RunError("--fsdp shards the model over the processes that torchrun starts: run it as "
+                       "`torchrun --nproc-per-node N <script>.py --fsdp ...` (one process needs no sharding)")
+    if "RANK" not in os.environ or dist.is_initialized():
+        return resolved
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(resolved)
+    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=float(os.environ.get("POSTTRAIN_TIMEOUT_S", 600))))
+    return resolved
+
+
+def check_world_size(**sizes: int) -> None:
+    """Each rank takes an equal share of every global batch: the batch sizes (flag=value) must divide evenly."""
+    if bad := [f"--{k.replace('_', '-')} {v}" for k, v in sizes.items() if v % world_size()]:
+        raise RunError(f"{', '.join(bad)}: must be a multiple of the {world_size()} processes (each takes an equal "
+                       f"share of a global batch)")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def share(items: list) -> list:
+    """This rank's contiguous share of a global batch (len(items) is a multiple of the world size: checked with the
+    flags). Rank r holds rows r*n/W .. (r+1)*n/W - 1, so gathering the shares in rank order gives the batch back."""
+    n = len(items) // world_size()
+    return items[rank() * n:(rank() + 1) * n]
+
+
+def all_reduce(value: float, op: str = "sum") -> float:
+    """A number summed (or its max, or min) over ranks."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.item()
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' tensors concatenated along dim 0 in rank order (the global batch from the shares), on every rank.
+    Widths may differ beyond dim 0 (completion lengths): narrower ones are right-padded with zeros."""
+    if world_size() == 1:
+        return tensor
+    parts = gather_objects(tensor.cpu())
+    width = max(p.shape[1] for p in parts) if tensor.dim() > 1 else None
+    return torch.cat([F.pad(p, (0, width - p.shape[1])) if width else p for p in parts]).to(tensor.device)
+
+
+def gather_objects(obj) -> list:
+    """One picklable object from every rank, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's object, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def distribute(model, fsdp: bool, dtype: torch.dtype = torch.float32):
+    """Make a model (trained or frozen) ready for several ranks. Every rank first takes rank 0's weights (a freshly
+    initialised head, such as a critic's, is drawn once). Replicated (the default): that is all; gradients are
+    all-reduced once per optimiser step (`all_reduce_gradients`). --fsdp: FSDP2 shards parameters, gradients and
+    optimiser state over the ranks, one unit per decoder layer plus the root (tied input/output embeddings stay in one
+    unit), with bf16 compute and fp32 gradient reduction when dtype is bf16. Build the optimiser right after, before
+    any forward pass: a forward without backward leaves the root's whole parameters in place of its shards, and an
+    optimiser built on those would update tensors that FSDP then discards."""
+    if world_size() == 1 and not fsdp:
+        return model
+    for tensor in (*model.parameters(), *model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+    if not fsdp:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layer_types = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    for layer in [m for m in model.modules() if type(m).__name__ in layer_types]:
+        fully_shard(layer, mp_policy=mp)
+    embeddings = [getattr(model, f"get_{io}_embeddings", lambda: None)() for io in ("input", "output")]
+    if not (all(embeddings) and embeddings[0].weight is embeddings[1].weight):  # tied weights: one unit, the root
+        for child in model.children():  # a backbone or a head that a script calls directly (reward_model.score)
+            if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
+                fully_shard(child, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_sharded(model) -> bool:
+    """Whether FSDP shards the module or any part of it (PPO's optimiser spans the actor and the critic)."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def all_reduce_gradients(model) -> None:
+    """The batch's gradient, after the last micro-batch's backward: the sum of the ranks' gradients, since each
+    rank's loss is its share of the batch's loss. Replicated: one all-reduce per optimiser step, not one per
+    micro-batch. FSDP has already reduce-scattered them in backward, as an average (it keeps gradients sharded, so it
+    reduces each micro-batch's): scale it back to the sum. One process: nothing to do."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if is_sharded(model):
+        torch._foreach_mul_(grads, float(world_size()))
+        return
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+        work.wait()
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the gradients to a global norm; return the norm before clipping (over all ranks' shards under FSDP)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def full_state_dict(model) -> dict:
+    """An FSDP model's whole state dict, gathered from the shards onto rank 0's CPU (every rank must call it)."""
+    _reshard(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):  # saved once, as save_pretrained does
+        for key in getattr(model, "_tied_weights_keys", None) or ():
+            state.pop(key, None)
+    return state
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimiser's state as one plain state dict that loads at any world size (gathered under FSDP)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    _reshard(model)
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load optimizer_state's dict, whichever way the checkpoint's run held the model (replicated or sharded)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)  # maps saved to current parameters by their order, whatever the keys
+        return
+    if any(isinstance(k, int) for k in state["state"]):  # saved replicated: keyed by position; FSDP wants names
+        names = [name for name, _ in model.named_parameters()]
+        state = {"state": {names[i]: s for i, s in state["state"].items()},
+                 "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _reshard(model) -> None:
+    """Free gathered parameters: a forward without backward (sampling, scoring) leaves a top-level FSDP module's
+    parameters gathered, and a module a script calls directly (reward_model.score) is such a top level."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 # ---- the run directory -----------------------------------------------------------------------------------------
 # args.json (the flags), metrics.jsonl (one line per step), checkpoint/ (the latest, for --resume), final/.
 
 # Flags that a resumed run may change: they decide how long it runs, what it logs and where, not the math of a step.
 # A longer --max-steps stretches the rest of the cosine learning-rate schedule.
 RESUMABLE_FLAGS = ("max_steps", "eval_every", "eval_size", "save_every", "generation_batch_size", "device",
-                   "gradient_checkpointing", "resume", "output_dir")
+                   "gradient_checkpointing", "fsdp", "resume", "output_dir")
 
 
 def open_run(args, script: str) -> Path | None:
@@ -729,7 +926,7 @@ def open_run(args, script: str) -> Path | None:
     empty --output-dir (a copy of the run up to its checkpoint). A run that stopped before its first checkpoint
     starts over from step 0, in place."""
     if args.resume is None:
-        out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(args.output_dir or broadcast_object(f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}"))
         if _holds_a_run(out):
             raise RunError(f"--output-dir {out} already holds a run: pass --resume {out} to continue it (from its "
                            f"last checkpoint, or from the start if it has none), or choose another --output-dir")
@@ -772,6 +969,8 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
     logged steps after the checkpoint are dropped (they will be redone; all of them if there is no checkpoint) and
     stale temporaries removed. Resumed into a new directory: a copy of the run up to its checkpoint."""
     out = Path(args.output_dir)
+    if not is_main():  # rank 0 writes the run directory; the others only read from it
+        return out
     step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
     if args.resume is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -793,6 +992,7 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
                        file=sys.stderr)
         write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
     record = vars(args) if args.resume is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
+    record = dict(record, world_size=world_size())  # the processes of the run (of its latest start, if resumed)
     write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
     return out
 
@@ -816,7 +1016,10 @@ def read_metrics(file: Path) -> list[dict]:
 
 
 def log_metrics(output_dir: Path, metrics: dict, keys: tuple[str, ...] = ()) -> str:
-    """Append one JSON line to metrics.jsonl (flushed to disk); return a short line for the terminal."""
+    """Append one JSON line to metrics.jsonl (flushed to disk); return a short line for the terminal. Rank 0 only
+    (the metrics are the global batch's on every rank)."""
+    if not is_main():
+        return ""
     file = output_dir / "metrics.jsonl"
     try:
         with open(file, "a", encoding="utf-8") as f:
@@ -861,6 +1064,7 @@ def _saved_args(run_dir: Path, Args) -> dict:
         raise RunError(f"{file}: unreadable ({e})") from None
     if not isinstance(saved, dict):
         raise RunError(f"{file}: expected a JSON object of flags")
+    saved.pop("world_size", None)  # a record, not a flag
     known = {f.name for f in dataclasses.fields(Args)}
     if unknown := sorted(set(saved) - known):
         raise RunError(f"{file}: flags this script does not have ({', '.join(unknown)}): is it another script's run?")
@@ -902,28 +1106,34 @@ def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None =
                     extra: dict | None = None) -> None:
     """save_pretrained into target, atomically and durably: written to target.tmp, every file fsynced, then swapped
     in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused.
-    extra: more models, {name: model}, each saved with the tokenizer in target/name, inside the same swap."""
-    extra = extra or {}
-    if not all(torch.isfinite(p).all() for m in (model, *extra.values()) for p in m.parameters()):
+    extra: more models, {name: model}, each saved with the tokenizer in target/name, inside the same swap.
+    Under torchrun every rank calls it (sharded weights and the ranks' random states are gathered); rank 0 writes."""
+    models = {"": model, **(extra or {})}
+    state_dicts = {name: full_state_dict(m) if is_sharded(m) else None for name, m in models.items()}
+    rng = gather_objects((random.getstate(), torch.get_rng_state(),
+                          torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))  # one per rank
+    if not is_main():
+        return
+    tensors = [t for name, m in models.items() for t in (state_dicts[name] or dict(m.named_parameters())).values()]
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
         raise NonFiniteError(f"refusing to save non-finite weights to {target}")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, other in extra.items():
-            other.save_pretrained(tmp / name)
+        for name, m in models.items():
+            m.save_pretrained(tmp / name, state_dict=state_dicts[name])
             tokenizer.save_pretrained(tmp / name)
+            if is_sharded(m):  # FSDP2 renames the class (FSDPLlamaForCausalLM): record the model's own
+                config = json.loads((tmp / name / "config.json").read_text())
+                config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []]
+                (tmp / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if trainer_state is not None:
-            trainer_state = dict(trainer_state, rng=(random.getstate(), torch.get_rng_state(),
-                                                     torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                                                     else None))
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+            torch.save(dict(trainer_state, rng=rng), tmp / "trainer_state.pt")
         for file in tmp.rglob("*"):
             if file.is_file():
                 with open(file, "rb+") as f:
                     os.fsync(f.fileno())
-        for directory in (*(tmp / name for name in extra), tmp):
+        for directory in (*(tmp / name for name in models if name), tmp):
             _fsync_dir(directory)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... iostream error")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -966,9 +1176,19 @@ def read_trainer_state(checkpoint: Path, mmap: bool = True) -> dict:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    """The state saved with a checkpoint (step, optimiser, scheduler, ...), with the random state restored."""
+    """The state saved with a checkpoint (step, optimiser, scheduler, ...), with this rank's random state restored.
+    At another world size than the run's, the random streams cannot be the run's: each rank starts a fresh one (the
+    weights, optimiser, schedule and data order are still the run's; the samples drawn from here on are new)."""
     state = read_trainer_state(checkpoint, mmap=False)
-    py_rng, torch_rng, cuda_rng = state.pop("rng")
+    rngs = state.pop("rng")
+    rngs = [rngs] if isinstance(rngs, tuple) else rngs  # a checkpoint from before the per-rank states
+    if len(rngs) != world_size():
+        if is_main():
+            tqdm.write(f"{checkpoint}: saved by {len(rngs)} process(es), resumed by {world_size()}: sampling goes on "
+                       f"from fresh random streams", file=sys.stderr)
+        set_seed(1_000_003 * state["step"] + rank())
+        return state
+    py_rng, torch_rng, cuda_rng = rngs[rank()]
     random.setstate(py_rng)
     torch.set_rng_state(torch_rng)
     if cuda_rng is not None and torch.cuda.is_available():
@@ -983,26 +1203,33 @@ class Steps:
     to stop after the step in progress, which then saves a checkpoint (`stop_requested`); a second stops at once."""
 
     def __init__(self, start: int, stop: int, desc: str):
-        self.start, self.stop, self.desc, self.stop_requested = start, stop, desc, False
+        self.start, self.stop, self.desc, self._requested = start, stop, desc, False
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop: all ranks decide together (they save the checkpoint together)."""
+        return all_reduce(self._requested, "max") > 0
 
     def _on_signal(self, signum, frame):
-        if self.stop_requested:
+        if self._requested:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self._requested = True
         tqdm.write("stopping after this step, with a checkpoint (press Ctrl-C again to stop now, saving nothing)")
 
     def __iter__(self):
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         try:
-            yield from tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc)
+            yield from tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc,
+                            disable=not is_main())
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
     @staticmethod
     def write(line: str) -> None:
-        tqdm.write(line)
+        if is_main():
+            tqdm.write(line)
 
     def stop_if_requested(self, step: int, output_dir: Path) -> None:
         """Called after the step's checkpoint is saved; the last step goes on to save final/ instead."""

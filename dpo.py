@@ -29,6 +29,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python dpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data pairs.jsonl --beta 0.1
        python dpo.py                       # default model, pairs built from the built-in addition task
+       torchrun --nproc-per-node 8 dpo.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, arithmetic_problems, autocast, check_args,
-                    check_finite, check_messages, completion_logprobs, completion_text, decode, encode_completions,
-                    encode_pairs, encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set,
-                    load_model, load_trainer_state, log_metrics, lr_lambda, open_run, parse_answer, parse_args,
-                    parse_number, prepare_output_dir, prompt_length_check, read_jsonl, require, resolve_device,
-                    resolve_dtype, save_pretrained, set_seed, write_atomic)
+from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, all_reduce, all_reduce_gradients,
+                    arithmetic_problems, autocast, check_args, check_finite, check_messages, check_world_size,
+                    clip_grad_norm, completion_logprobs, completion_text, decode, distribute, encode_completions,
+                    encode_pairs, encode_prompts, evaluate, exit_on_error, gather_objects, generate, init_distributed,
+                    is_correct, is_main, load_eval_set, load_model, load_optimizer_state, load_trainer_state,
+                    log_metrics, lr_lambda, open_run, optimizer_state, parse_answer, parse_args, parse_number,
+                    prepare_output_dir, prompt_length_check, rank, read_jsonl, require, resolve_dtype,
+                    save_pretrained, set_seed, share, world_size, write_atomic)
 
 
 @dataclass
@@ -112,13 +114,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -282,6 +287,15 @@ def ranking_logprobs(model, tokenizer, rows: list[dict], device, max_length: int
     return table, valid, int(sequences[1].sum() + sequences[3].sum())
 
 
+def share_padded(items: list) -> tuple[list, list]:
+    """This rank's contiguous share of items that need not divide evenly (ceil(n/W) each, the last ones shorter), and
+    that share padded to ceil(n/W) with copies of its first item (or items[0]): under FSDP every rank makes the same
+    number of forward passes. Drop the padding's results; the shares' gathered in rank order are the items'."""
+    n = -(-len(items) // world_size())
+    mine = items[rank() * n:(rank() + 1) * n]
+    return mine, mine + (mine or items)[:1] * (n - len(mine))
+
+
 def ref_table(rows: list[dict], device) -> torch.Tensor:
     """The stored reference log-probs, (B, K), padded like ranking_logprobs (with 0: masked by valid)."""
     width = max(len(answers(row)) for row in rows)
@@ -299,8 +313,10 @@ def main(args: Args) -> dict:
     require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")
     require(not (args.ranked and args.data), "--ranked builds rankings from the built-in task; a --data file gives "
                                              "its own as 'ranked' rows: drop --ranked")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
+    set_seed(args.seed + rank())  # each rank samples its own completions (built-in rows); the data order is the seed's
+    micro_batch_size = args.micro_batch_size // world_size()  # this rank's part of each micro-batch
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
@@ -329,7 +345,16 @@ def main(args: Args) -> dict:
         return (torch.stack(pair_logprobs(model, sequences, args.average_logprobs), 1), valid,
                 int(sequences[1].sum() + sequences[3].sum()))
 
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = distribute(model, args.fsdp, dtype)  # replicated, or sharded by FSDP2 (--fsdp), before it samples/scores
+    # the optimiser before any forward pass: under FSDP one without backward leaves the root's parameters gathered,
+    # and model.parameters() would then give those instead of the shards
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+
     # ---- 1. preference rows and their reference log-probs, once: pi_ref is the model before any update ------------
+    # Under torchrun each rank samples and scores its share of the prompts and rows; gathered, every rank holds them all
     if checkpoint:  # the run's own rows (prepare_output_dir copies them along when resuming into a new directory)
         rows = read_jsonl(checkpoint.parent / f"{unit}.jsonl", ("prompt", "ranked", "ref_ranked") if ranked else
                           ("prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"),
@@ -339,40 +364,42 @@ def main(args: Args) -> dict:
             k = args.ranked or args.num_samples
             problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed),
                                              args.num_prompts))
+            mine, padded = share_padded(problems)
             prompt_ids, prompt_mask = encode_prompts(
-                tokenizer, [p["prompt"] for p in problems for _ in range(k)], device, args.max_prompt_length)
+                tokenizer, [p["prompt"] for p in padded for _ in range(k)], device, args.max_prompt_length)
             with autocast(device, dtype):
                 ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
                                         args.temperature, args.top_p, batch_size=args.generation_batch_size)
-            rows, skipped = (rankings_from_samples(problems, decode(tokenizer, ids, mask), k) if ranked
-                             else pairs_from_samples(problems, decode(tokenizer, ids, mask), k, rng))
-            tqdm.write(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} prompts "
-                       f"had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and were "
-                       f"skipped")
+            completions = sum(gather_objects(decode(tokenizer, ids, mask)[:len(mine) * k]), [])  # all, in order
+            rows, skipped = (rankings_from_samples(problems, completions, k) if ranked  # the same rows on every rank
+                             else pairs_from_samples(problems, completions, k, rng))
+            Steps.write(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} prompts "
+                        f"had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and were "
+                        f"skipped")
             if not rows:
                 raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked else
                                 "no prompt gave both a right and a wrong completion: raise --num-samples") +
                                ", --num-prompts or --temperature")
-        scored = []
-        for i in range(0, len(rows), args.micro_batch_size):
-            chunk = rows[i:i + args.micro_batch_size]
+        mine, padded = share_padded(rows)
+        scored = []  # each of this rank's rows: its answers' log pi_ref(y_k|x)
+        for i in range(0, len(padded), micro_batch_size):
             with torch.no_grad(), autocast(device, dtype):
-                ref, valid, _ = logprobs_of(chunk)
-            if not ref[valid].isfinite().all():
-                raise NonFiniteError(f"the reference model gives a non-finite log-prob to an answer among {unit} "
-                                     f"{i + 1}-{i + len(chunk)} (of {args.data or f'the built-in {unit}'})")
-            for row, values in zip(chunk, (r[v].tolist() for r, v in zip(ref, valid))):
-                scored.append(dict(row, ref_ranked=values) if ranked else
-                              dict(row, ref_chosen=values[0], ref_rejected=values[1]))
-        rows = scored
+                ref, valid, _ = logprobs_of(padded[i:i + micro_batch_size])
+            scored += [r[v].tolist() for r, v in zip(ref, valid)]
+        scored = sum(gather_objects(scored[:len(mine)]), [])  # every row's, in order, on every rank
+        if (bad := next((i for i, v in enumerate(scored) if not all(map(math.isfinite, v))), None)) is not None:
+            raise NonFiniteError(f"the reference model gives a non-finite log-prob to an answer of {unit[:-1]} "
+                                 f"{bad + 1} (of {args.data or f'the built-in {unit}'})")
+        rows = [dict(row, ref_ranked=values) if ranked else dict(row, ref_chosen=values[0], ref_rejected=values[1])
+                for row, values in zip(rows, scored)]
         rng.shuffle(rows)
     output_dir = prepare_output_dir(args, checkpoint)
-    if not checkpoint:
+    if not checkpoint and is_main():  # rank 0 writes; every rank already holds the rows
         write_atomic(output_dir / f"{unit}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     n_held_out = min(len(rows) - 1, max(1, round(len(rows) * args.held_out_pairs))) if args.held_out_pairs else 0
     held_out, train_rows = rows[:n_held_out], rows[n_held_out:]  # train_rows: never empty (>= 1 row)
-    tqdm.write(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy "
-               f"(--held-out-pairs {args.held_out_pairs})")
+    Steps.write(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy "
+                f"(--held-out-pairs {args.held_out_pairs})")
 
     def row_stream(rng=random.Random(args.seed)):
         while True:  # shuffled epochs
@@ -380,28 +407,26 @@ def main(args: Args) -> dict:
 
     @torch.no_grad()
     def held_out_accuracy() -> float | None:
+        mine, padded = share_padded(held_out)  # this rank's share; the counts are summed over ranks
         wins = total = 0
-        for i in range(0, len(held_out), args.micro_batch_size):
-            chunk = held_out[i:i + args.micro_batch_size]
+        for i in range(0, len(padded), micro_batch_size):
+            chunk = padded[i:i + micro_batch_size]
             with autocast(device, dtype):
                 policy, valid, _ = logprobs_of(chunk)
-            w, n = adjacent_wins(policy - ref_table(chunk, device), valid)  # implicit reward of y_k above y_{k+1}
+            real = slice(0, max(len(mine) - i, 0))  # not the padding
+            w, n = adjacent_wins((policy - ref_table(chunk, device))[real], valid[real])  # u of y_k above y_{k+1}
             wins, total = wins + w, total + n
-        return wins / total if held_out else None
+        return all_reduce(wins) / all_reduce(total) if held_out else None
 
     def evaluations() -> dict:
         """The greedy task accuracy (unless --eval-size 0) and the held-out pairs' (rankings') accuracy."""
         return {**({"eval_accuracy": run_eval()} if eval_set else {}), f"eval_{acc}_accuracy": held_out_accuracy()}
 
-    # ---- 2. optimiser, resume ---------------------------------------------------------------------------------------
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    # ---- 2. resume --------------------------------------------------------------------------------------------------
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
     stream = row_stream()
@@ -417,18 +442,18 @@ def main(args: Args) -> dict:
     # ---- 3. training loop [DPO-LOSS] or [DPO-PL] --------------------------------------------------------------------
     for step in progress:
         t0 = time.time()
-        batch = [next(stream) for _ in range(args.batch_size)]
+        batch = share([next(stream) for _ in range(args.batch_size)])  # this rank's rows of the global batch
         model.train()
         sums = {k: 0.0 for k in ("loss", f"reward_{best}", f"reward_{worst}", f"logp_{best}", f"logp_{worst}")}
         n_tokens = wins = n_adjacent = 0
-        for i in range(0, args.batch_size, args.micro_batch_size):
-            chunk = batch[i:i + args.micro_batch_size]
+        for i in range(0, len(batch), micro_batch_size):
+            chunk = batch[i:i + micro_batch_size]
             with autocast(device, dtype):
                 policy, valid, tokens = logprobs_of(chunk)
             ref = ref_table(chunk, device)
             losses = (plackett_luce_loss(policy, ref, args.beta, valid) if ranked else
                       dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], args.beta, args.label_smoothing)[0])
-            loss = losses.sum() / args.batch_size  # mean over the batch's rows
+            loss = losses.sum() / args.batch_size  # mean over the global batch's rows: this rank's share of it
             loss.backward()
             rewards = args.beta * (policy - ref).detach()  # [DPO-REWARD]
             last = valid.sum(1, keepdim=True) - 1  # each row's worst answer
@@ -438,7 +463,9 @@ def main(args: Args) -> dict:
                                (f"reward_{worst}", rewards.gather(1, last)), (f"logp_{best}", policy[:, 0]),
                                (f"logp_{worst}", policy.gather(1, last))):
                 sums[key] += value.detach().sum().item() / args.batch_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        all_reduce_gradients(model)  # the batch's gradient: the sum of the ranks' (one all-reduce per step)
+        grad_norm, sums = clip_grad_norm(model, args.max_grad_norm), {k: all_reduce(v) for k, v in sums.items()}
+        n_tokens, wins, n_adjacent = (all_reduce(x) for x in (n_tokens, wins, n_adjacent))  # the global batch's
         check_finite(step + 1, loss=sums["loss"], grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -455,7 +482,7 @@ def main(args: Args) -> dict:
                                                          f"logp_{worst}", "eval_accuracy", f"eval_{acc}_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")

@@ -32,6 +32,7 @@ Usage: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 1
        python grpo.py                      # default model, built-in two-digit addition task
        python grpo.py --task sum --supervision process --max-new-tokens 64
        python grpo.py --reward-model runs/reward-xyz/final --iteration-steps 25
+       torchrun --nproc-per-node 8 grpo.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, RunError, Steps, autocast, check_args, check_finite, check_sum_row,
-                    completion_logprobs, decode, encode_pairs, encode_prompts, evaluate, exit_on_error, forward_pass,
-                    generate,
-                    is_correct, load_eval_set, load_model,
-                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
-                    prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
-                    save_pretrained, set_seed, sum_steps)
+from common import (DEFAULT_MODEL, RunError, Steps, all_reduce, all_reduce_gradients, autocast, check_args,
+                    check_finite, check_sum_row, check_world_size, clip_grad_norm, completion_logprobs, decode,
+                    distribute, encode_pairs, encode_prompts, evaluate, exit_on_error, forward_pass, gather,
+                    gather_objects, generate, init_distributed, is_correct, load_eval_set, load_model,
+                    load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run,
+                    optimizer_state, parse_args, parse_number, prepare_output_dir, problem_stream,
+                    prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed, share, sum_steps,
+                    world_size)
 
 
 @dataclass
@@ -137,13 +139,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     task: Literal["arithmetic", "sum"] = "arithmetic"
@@ -313,26 +318,28 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 def train_reward_model(reward_model, optimizer, tokenizer, pairs: list[dict], args, device, dtype, step: int) -> dict:
     """--rm-steps optimiser steps of the Bradley-Terry loss [BT], one pass over the (shuffled) pairs, each step the
-    mean over its share of them, in micro-batches."""
+    mean over its part of them, in micro-batches; under torchrun each rank takes every W-th pair of a step's part."""
     reward_model.train()
     losses, wins = [], 0
-    for share in (pairs[i::args.rm_steps] for i in range(min(args.rm_steps, len(pairs)))):
-        loss_sum = 0.0
-        for i in range(0, len(share), args.micro_batch_size):
+    for part in (pairs[i::args.rm_steps] for i in range(min(args.rm_steps, len(pairs)))):
+        loss_sum, mine = 0.0, part[rank()::world_size()]
+        for i in range(0, len(mine), args.micro_batch_size):
             with autocast(device, dtype):
-                sequences = encode_pairs(tokenizer, share[i:i + args.micro_batch_size], device, args.max_prompt_length)
+                sequences = encode_pairs(tokenizer, mine[i:i + args.micro_batch_size], device, args.max_prompt_length)
                 chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
-            loss = bradley_terry_loss(chosen, rejected).sum() / len(share)
+            loss = bradley_terry_loss(chosen, rejected).sum() / len(part)
             loss.backward()
             loss_sum += loss.item()
             wins += (chosen > rejected).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm).item()
+        all_reduce_gradients(reward_model)
+        grad_norm, loss_sum = clip_grad_norm(reward_model, args.max_grad_norm), all_reduce(loss_sum)
         check_finite(step, rm_loss=loss_sum, rm_grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss_sum)
     reward_model.eval()
-    return {"rm_loss": fmean(losses), "rm_pair_accuracy": wins / len(pairs), "rm_pairs": len(pairs)} if pairs else {}
+    return {"rm_loss": fmean(losses), "rm_pair_accuracy": all_reduce(wins) / len(pairs), "rm_pairs": len(pairs)} \
+        if pairs else {}
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
@@ -358,8 +365,12 @@ def main(args: Args) -> dict:
             f"{args.rm_learning_rate}: must be >= 0 (0: off), >= 1 and > 0")
     require(not args.iteration_steps or args.beta > 0 or args.reward_model, "--iteration-steps resets pi_ref and "
             "retrains --reward-model: with --beta 0 and no reward model it would do nothing")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=args.batch_size, mini_batch_size=mini_batch_size,
+                     micro_batch_size=args.micro_batch_size)  # global sizes: each rank takes 1/W, whole groups
+    require(not (args.fsdp and args.iteration_steps and args.reward_model), "--fsdp with --iteration-steps and "
+            "--reward-model: the reward model's training is not sharded; leave out --fsdp")
+    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
     def saved(name: str, default: str) -> str:  # iterative GRPO moves pi_ref and the reward model: the checkpoint's
@@ -378,6 +389,9 @@ def main(args: Args) -> dict:
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
+    model, ref_model, reward_model = (distribute(m, args.fsdp, dtype) if m is not None else None
+                                      for m in (model, ref_model, reward_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     train_rm = bool(args.iteration_steps and reward_model is not None)  # [GRPO-ITERATIVE]
@@ -386,11 +400,11 @@ def main(args: Args) -> dict:
     start_step, replay, new_pairs = 0, [], []  # the reward model's pairs: earlier iterations', this iteration's
     if checkpoint:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         if train_rm:
-            rm_optimizer.load_state_dict(state["rm_optimizer"])
+            load_optimizer_state(reward_model, rm_optimizer, state["rm_optimizer"])
             replay, new_pairs = state["replay"], state["new_pairs"]
     problems = itertools.islice(problems, start_step * args.batch_size, None)
     # Several optimiser steps per sampled batch move pi_theta away from pi_old: then pi_old needs its own pass.
@@ -408,7 +422,9 @@ def main(args: Args) -> dict:
     for step in progress:
         # ---- 1. sample G completions per prompt from pi_old -------------------------------------------------------
         t0 = time.time()
-        batch = [next(problems) for _ in range(args.batch_size)]
+        batch = share([next(problems) for _ in range(args.batch_size)])  # this rank's prompts (whole groups)
+        n_local = len(batch) * G
+        mine = slice(rank() * n_local, (rank() + 1) * n_local)  # its rows of the global batch
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(G)], device,
                                                  args.max_prompt_length)
         with autocast(device, dtype):
@@ -422,7 +438,8 @@ def main(args: Args) -> dict:
         # ---- 2. score: the verifier, or a reward model (the verifier still measures accuracy) ----------------------
         answers = [p["answer"] for p in batch for _ in range(G)]
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
-        all_micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
+        micro_batch_size = args.micro_batch_size // world_size()
+        all_micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         if reward_model is None:
             rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
         else:
@@ -430,23 +447,26 @@ def main(args: Args) -> dict:
                 rewards = torch.cat([reward_model_scores(reward_model, *(t[mb] for t in sequences))
                                      for mb in all_micro_batches]).cpu()
         if train_rm:  # [GRPO-ITERATIVE]: the verifier labels the policy's samples for the reward model
-            new_pairs += verifier_pairs([p["prompt"] for p in batch], completions, correct.bool().tolist(), G)
+            new_pairs += sum(gather_objects(verifier_pairs([p["prompt"] for p in batch], completions,
+                                                           correct.bool().tolist(), G)), [])  # every rank's
+        rewards, correct = gather(rewards), gather(correct)  # the global batch's: groups, batch std, metrics
 
         # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
-        advantages = group_advantages(rewards, G, args.scale_rewards).to(device)[:, None]  # the same A_i on every token
+        advantages = group_advantages(rewards, G, args.scale_rewards)[mine].to(device)[:, None]  # A_i on every token
         loss_mask = completion_mask * ~truncated[:, None] if args.mask_truncated else completion_mask
         zero_std = zero_std_fraction(rewards, G)
 
         # ---- 3b. process supervision: a reward per step, an advantage per token [GRPO-PROCESS] --------------------
         if args.supervision == "process":
             steps = [sum_steps(c, p["numbers"]) for c, p in zip(completions, (p for p in batch for _ in range(G)))]
-            step_rewards = [[float(right) for right, _ in s] for s in steps]
-            ends = [step_end_tokens(tokenizer, ids[m.bool()].tolist(), [end for _, end in s])
-                    for ids, m, s in zip(completion_ids, completion_mask, steps)]
-            advantages = process_advantages(step_rewards, ends, G, completion_mask, args.scale_rewards)
+            step_rewards = sum(gather_objects([[float(right) for right, _ in s] for s in steps]), [])  # global
+            ends = sum(gather_objects([step_end_tokens(tokenizer, ids[m.bool()].tolist(), [end for _, end in s])
+                                       for ids, m, s in zip(completion_ids, completion_mask, steps)]), [])
+            advantages = process_advantages(step_rewards, ends, G, gather(completion_mask),
+                                            args.scale_rewards)[mine, :completion_mask.shape[1]]
             filled = [r or [0.0] for r in step_rewards]  # no step: one step with reward 0, as process_advantages has it
             step_accuracy = sum(map(sum, filled)) / sum(map(len, filled))
-            zero_std = fmean(len(set(sum(filled[g:g + G], []))) == 1 for g in range(0, n_batch, G))
+            zero_std = fmean(len(set(sum(filled[g:g + G], []))) == 1 for g in range(0, len(filled), G))
 
         # ---- 4. log-probs under pi_old and pi_ref, once per batch, no grad ----------------------------------------
         with torch.no_grad(), autocast(device, dtype):
@@ -460,11 +480,11 @@ def main(args: Args) -> dict:
         model.train()
         stats = {k: [] for k in ("loss", "kl_k3", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
         for _ in range(args.num_iterations):
-            for mini in torch.randperm(n_batch, device=device).split(mini_batch_size):
-                n_seq, n_tok, mini_loss = len(mini), int(loss_mask[mini].sum()), 0.0
+            for mini in torch.randperm(n_local, device=device).split(mini_batch_size // world_size()):
+                n_seq, n_tok, mini_loss = mini_batch_size, int(all_reduce(loss_mask[mini].sum())), 0.0  # global
                 if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, and no step
                     continue  # (AdamW's momentum alone would still move the weights)
-                for mb in mini.split(args.micro_batch_size):
+                for mb in mini.split(micro_batch_size):
                     mask, A = loss_mask[mb], advantages[mb]  # (mb, 1) for outcome, (mb, T) for process
                     with autocast(device, dtype):
                         logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
@@ -480,7 +500,8 @@ def main(args: Args) -> dict:
                     stats["clip_frac_low"].append(masked_mean((ratio < 1 - args.clip_eps_low) & (A < 0), mask).item())
                     stats["clip_frac_high"].append(masked_mean((ratio > 1 + args.clip_eps_high) & (A > 0), mask).item())
                     stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                all_reduce_gradients(model)  # the mini-batch's gradient: the sum of the ranks' (one all-reduce)
+                grad_norm, mini_loss = clip_grad_norm(model, args.max_grad_norm), all_reduce(mini_loss)
                 check_finite(step + 1, loss=mini_loss, grad_norm=grad_norm)  # before the update, never after
                 stats["grad_norm"].append(grad_norm)
                 stats["loss"].append(mini_loss)
@@ -502,15 +523,17 @@ def main(args: Args) -> dict:
                 ref_model.load_state_dict(model.state_dict())  # the KL to pi_ref starts again from 0
 
         # ---- 7. log, evaluate, save -------------------------------------------------------------------------------
-        lengths = completion_mask.sum(1).float()
+        lengths, truncated = gather(completion_mask.sum(1).float()), gather(truncated)
         n_tokens = int(lengths.sum())
-        metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
+        stats = {k: fmean(v) if k in ("loss", "grad_norm") else all_reduce(fmean(v)) / world_size()
+                 for k, v in stats.items() if v}  # loss, grad_norm: global already; the rest: mean over ranks
+        metrics = {"step": step + 1, **stats,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std,
                    "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.num_iterations * (prompt_mask.sum().item() + n_tokens) / t_train),
+                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
                    "step_time": time.time() - t0, **iteration}
         if args.supervision == "process":
             metrics["step_accuracy"] = step_accuracy
@@ -519,10 +542,12 @@ def main(args: Args) -> dict:
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "step_accuracy", "zero_std_frac",
                                                          "kl_k3", "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            state = {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
+                     "scheduler": scheduler.state_dict()}
             extra = {"ref_model": ref_model} if args.iteration_steps and ref_model is not None else {}
             if train_rm:
-                state.update(rm_optimizer=rm_optimizer.state_dict(), replay=replay, new_pairs=new_pairs)
+                state.update(rm_optimizer=optimizer_state(reward_model, rm_optimizer), replay=replay,
+                             new_pairs=new_pairs)
                 extra["reward_model"] = reward_model
             save_pretrained(model, tokenizer, output_dir / "checkpoint", state, extra)
             progress.stop_if_requested(step + 1, output_dir)

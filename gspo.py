@@ -21,6 +21,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python gspo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 16
        python gspo.py                      # default model, built-in two-digit addition task
+       torchrun --nproc-per-node 8 gspo.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from typing import Literal
 
 import torch
 
-from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
-                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
-                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
-                    prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
-                    save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, autocast, check_args, check_finite,
+                    check_world_size, clip_grad_norm, completion_logprobs, decode, distribute, encode_prompts,
+                    evaluate, exit_on_error, gather, generate, init_distributed, is_correct, load_eval_set, load_model,
+                    load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run,
+                    optimizer_state, parse_args, parse_number, prepare_output_dir, problem_stream,
+                    prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed, share, world_size)
 
 
 @dataclass
@@ -103,13 +105,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -203,8 +208,10 @@ def main(args: Args) -> dict:
     require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
             f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
             f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=args.batch_size, mini_batch_size=mini_batch_size,
+                     micro_batch_size=args.micro_batch_size)  # global sizes: each rank takes 1/W, whole groups
+    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
     # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0)
@@ -216,12 +223,14 @@ def main(args: Args) -> dict:
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
+    model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None for m in (model, ref_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
     problems = itertools.islice(problems, start_step * args.batch_size, None)
@@ -240,7 +249,9 @@ def main(args: Args) -> dict:
     for step in progress:
         # ---- 1. sample G completions per prompt from pi_old -------------------------------------------------------
         t0 = time.time()
-        batch = [next(problems) for _ in range(args.batch_size)]
+        batch = share([next(problems) for _ in range(args.batch_size)])  # this rank's prompts (whole groups)
+        n_local = len(batch) * G
+        mine = slice(rank() * n_local, (rank() + 1) * n_local)  # its rows of the global batch
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(G)], device,
                                                  args.max_prompt_length)
         with autocast(device, dtype):
@@ -255,13 +266,15 @@ def main(args: Args) -> dict:
         answers = [p["answer"] for p in batch for _ in range(G)]
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
         rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
+        rewards, correct = gather(rewards), gather(correct)  # the global batch's: groups, batch std, metrics
 
         # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
-        advantages = group_advantages(rewards, G, args.scale_rewards).to(device)
+        advantages = group_advantages(rewards, G, args.scale_rewards)[mine].to(device)
         loss_mask = completion_mask * ~truncated[:, None] if args.mask_truncated else completion_mask
 
         # ---- 4. log-probs under pi_old and pi_ref, once per batch, no grad ----------------------------------------
-        all_micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
+        micro_batch_size = args.micro_batch_size // world_size()
+        all_micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
                                        for mb in all_micro_batches]) if updates_per_batch > 1 else None)
@@ -273,11 +286,11 @@ def main(args: Args) -> dict:
         model.train()
         stats = {k: [] for k in ("loss", "kl_k3", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
         for _ in range(args.num_iterations):
-            for mini in torch.randperm(n_batch, device=device).split(mini_batch_size):
-                n_seq, n_tok, mini_loss = len(mini), int(loss_mask[mini].sum()), 0.0
+            for mini in torch.randperm(n_local, device=device).split(mini_batch_size // world_size()):
+                n_seq, n_tok, mini_loss = mini_batch_size, int(all_reduce(loss_mask[mini].sum())), 0.0  # global
                 if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, and no step
                     continue  # (AdamW's momentum alone would still move the weights)
-                for mb in mini.split(args.micro_batch_size):
+                for mb in mini.split(micro_batch_size):
                     mask, A = loss_mask[mb], advantages[mb]  # one A_i per sequence
                     with autocast(device, dtype):
                         logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
@@ -293,7 +306,8 @@ def main(args: Args) -> dict:
                     stats["clip_frac_low"].append(((ratio < 1 - args.clip_eps_low) & (A < 0)).float().mean().item())
                     stats["clip_frac_high"].append(((ratio > 1 + args.clip_eps_high) & (A > 0)).float().mean().item())
                     stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                all_reduce_gradients(model)  # the mini-batch's gradient: the sum of the ranks' (one all-reduce)
+                grad_norm, mini_loss = clip_grad_norm(model, args.max_grad_norm), all_reduce(mini_loss)
                 check_finite(step + 1, loss=mini_loss, grad_norm=grad_norm)  # before the update, never after
                 stats["grad_norm"].append(grad_norm)
                 stats["loss"].append(mini_loss)
@@ -304,15 +318,17 @@ def main(args: Args) -> dict:
         t_train = max(time.time() - t1, 1e-6)  # every mini-batch may have been skipped
 
         # ---- 6. log, evaluate, save -------------------------------------------------------------------------------
-        lengths = completion_mask.sum(1).float()
+        lengths, truncated = gather(completion_mask.sum(1).float()), gather(truncated)
         n_tokens = int(lengths.sum())
-        metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
+        stats = {k: fmean(v) if k in ("loss", "grad_norm") else all_reduce(fmean(v)) / world_size()
+                 for k, v in stats.items() if v}  # loss, grad_norm: global already; the rest: mean over ranks
+        metrics = {"step": step + 1, **stats,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std_fraction(rewards, G),
                    "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.num_iterations * (prompt_mask.sum().item() + n_tokens) / t_train),
+                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
@@ -320,7 +336,7 @@ def main(args: Args) -> dict:
                                                          "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")

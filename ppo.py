@@ -22,6 +22,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct
        python ppo.py --reward-model runs/reward-xyz/final       # a model trained by reward.py, instead of the verifier
+       torchrun --nproc-per-node 8 ppo.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from statistics import fmean
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, RunError, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
-                    encode_prompts, evaluate, exit_on_error, forward_pass, generate, is_correct, load_eval_set,
-                    load_model,
-                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
-                    prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
-                    save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, RunError, Steps, all_reduce, all_reduce_gradients, autocast, check_args,
+                    check_finite, check_world_size, clip_grad_norm, completion_logprobs, decode, distribute,
+                    encode_prompts, evaluate, exit_on_error, forward_pass, full_state_dict, gather, generate,
+                    init_distributed, is_correct, is_sharded, load_eval_set, load_model, load_optimizer_state,
+                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, optimizer_state, parse_args,
+                    parse_number, prepare_output_dir, problem_stream, prompt_length_check, rank, require,
+                    resolve_dtype, save_pretrained, set_seed, share, world_size)
 
 
 @dataclass
@@ -119,13 +121,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -166,10 +171,12 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
 
 
 def whiten(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(A - mean) / std over every valid token of the batch (not per group), 0 on padding."""
-    mean = masked_mean(advantages, mask)
-    std = masked_mean((advantages - mean) ** 2, mask).sqrt()
-    return (advantages - mean) / (std + eps) * mask
+    """(A - mean) / std over every valid token of the batch (not per group), 0 on padding; over the valid tokens of
+    the whole batch: under torchrun the sums are all-reduced over ranks (then, as masked_mean, in A's dtype)."""
+    n = advantages.new_tensor(all_reduce(mask.sum())).clamp(min=1)
+    mean = advantages.new_tensor(all_reduce((advantages * mask).sum())) / n
+    var = advantages.new_tensor(all_reduce(((advantages - mean) ** 2 * mask).sum())) / n
+    return (advantages - mean) / (var.sqrt() + eps) * mask
 
 
 def policy_loss(logprobs, old_logprobs, advantages, clip_eps: float):
@@ -275,8 +282,11 @@ def main(args: Args) -> dict:
     require(n_batch % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,
             f"--batch-size ({n_batch}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), which must "
             f"be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=n_batch, mini_batch_size=args.mini_batch_size, micro_batch_size=args.micro_batch_size)
+    require(not (args.fsdp and args.shared_backbone), "--fsdp with --shared-backbone: the critic would call the "
+            "actor's backbone outside the actor's FSDP root; leave out one of them")
+    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
     # actor pi_theta, critic V_phi, frozen pi_ref, and the reward model if one is given
@@ -293,14 +303,18 @@ def main(args: Args) -> dict:
         model.gradient_checkpointing_enable()
         if not args.shared_backbone:
             backbone.gradient_checkpointing_enable()
-    parameters = list({id(p): p for p in [*model.parameters(), *critic.parameters()]}.values())  # shared: once
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
+    state = load_trainer_state(checkpoint) if checkpoint else None
+    if state:
+        critic.load_state_dict(state["critic"])  # a whole state dict: before the critic is sharded
+    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
+    model, critic, ref_model, reward_model = (distribute(m, args.fsdp, dtype) if m is not None else None
+                                              for m in (model, critic, ref_model, reward_model))
+    trained = torch.nn.ModuleList([model, critic])  # what the optimiser updates; .parameters(): a shared one once
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     start_step, beta = 0, args.beta
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        critic.load_state_dict(state["critic"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state:
+        load_optimizer_state(trained, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, beta = state["step"], state["beta"]
     problems = itertools.islice(problems, start_step * args.batch_size, None)
@@ -317,7 +331,8 @@ def main(args: Args) -> dict:
     for step in progress:
         # ---- 1. rollout: sample from pi_old ------------------------------------------------------------------------
         t0 = time.time()
-        batch = [next(problems) for _ in range(n_batch)]
+        batch = share([next(problems) for _ in range(n_batch)])  # this rank's prompts
+        n_local = len(batch)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch], device,
                                                  args.max_prompt_length)
         with autocast(device, dtype):
@@ -329,7 +344,8 @@ def main(args: Args) -> dict:
         t_sample = time.time() - t0
 
         # ---- 2. score, and log pi_old, log pi_ref, V_old without grad -------------------------------------------
-        micro_batches = torch.arange(n_batch, device=device).split(args.micro_batch_size)
+        micro_batch_size = args.micro_batch_size // world_size()
+        micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0] for mb in micro_batches])
             ref_logprobs = torch.cat([logprobs_of(ref_model, sequences, mb, args.temperature)[0]
@@ -348,7 +364,7 @@ def main(args: Args) -> dict:
         kl = (old_logprobs - ref_logprobs) * mask  # log pi_old - log pi_ref on each sampled token
         rewards = token_rewards(scores, mask, kl, beta)
         advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask)  # over the global batch's tokens
 
         # ---- 4. ppo_epochs passes, one optimiser step per mini-batch [PPO-TOTAL] ----------------------------------
         t1 = time.time()
@@ -358,10 +374,10 @@ def main(args: Args) -> dict:
                                  "approx_kl", "grad_norm")}
         kl_budget_spent = False  # --early-stop-kl: pi_theta has moved far enough from pi_old for this rollout
         for _ in range(args.ppo_epochs):
-            for mini in torch.randperm(n_batch, device=device).split(args.mini_batch_size):
-                n_tok = mask[mini].sum().clamp(min=1)
+            for mini in torch.randperm(n_local, device=device).split(args.mini_batch_size // world_size()):
+                n_tok = max(all_reduce(mask[mini].sum()), 1)  # the mini-batch's tokens, over all ranks
                 mini_stats = {k: 0.0 for k in ("loss", "policy_loss", "value_loss", "approx_kl")}
-                for mb in mini.split(args.micro_batch_size):
+                for mb in mini.split(micro_batch_size):
                     m = mask[mb]
                     with autocast(device, dtype):
                         logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
@@ -370,7 +386,7 @@ def main(args: Args) -> dict:
                     vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)  # [PPO-VALUE]
                     # [PPO-TOTAL] -L_clip + c1 L_V - c2 S, with the entropy S of pi_theta at each state [PPO-ENTROPY]
                     per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy
-                    loss = (per_token * m).sum() / n_tok  # token mean over the mini-batch
+                    loss = (per_token * m).sum() / n_tok  # token mean over the mini-batch: this rank's share
                     loss.backward()
                     log_ratio = (logprobs - old_logprobs[mb]).detach()
                     for key, value in (("loss", per_token), ("policy_loss", pg), ("value_loss", vl),
@@ -379,7 +395,11 @@ def main(args: Args) -> dict:
                     stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, m).item())
                     stats["value_clip_frac"].append(masked_mean(value_clipped, m).item())
                     stats["entropy"].append(masked_mean(entropy.detach(), m).item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm).item()
+                # the mini-batch's gradient: the sum of the ranks'; a shared backbone is the actor's, reduced once
+                all_reduce_gradients(model)
+                all_reduce_gradients(critic.head if args.shared_backbone else critic)
+                grad_norm = clip_grad_norm(trained, args.max_grad_norm)  # one norm over the actor and the critic
+                mini_stats = {k: all_reduce(v) for k, v in mini_stats.items()}  # global: all ranks stop together
                 check_finite(step + 1, loss=mini_stats["loss"], grad_norm=grad_norm)  # before the update, never after
                 stats["grad_norm"].append(grad_norm)
                 optimizer.step()
@@ -394,22 +414,25 @@ def main(args: Args) -> dict:
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         t_train = time.time() - t1
-        kl_per_completion = kl.sum(1).mean().item()
+        kl_per_completion = gather(kl.sum(1)).mean().item()  # global: beta stays the same on every rank
         if args.target_kl is not None:
             beta = adaptive_beta(beta, kl_per_completion, args.target_kl, args.kl_horizon, n_batch)  # [KL-ADAPTIVE]
 
         # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
-        lengths = mask.sum(1).float()
+        lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's
+        scores, correct = gather(scores), gather(correct)
         n_tokens = int(lengths.sum())
-        metrics = {"step": step + 1, **{k: fmean(v) for k, v in stats.items() if v},
+        stats = {k: all_reduce(fmean(v)) / world_size() if k in ("clip_frac", "value_clip_frac", "entropy")
+                 else fmean(v) for k, v in stats.items() if v}  # micro-batch means: the mean over ranks
+        metrics = {"step": step + 1, **stats,
                    "reward_mean": scores.mean().item(), "reward_std": scores.std(correction=0).item(),
-                   "accuracy": correct.mean().item(), "kl_k1": masked_mean(kl, mask).item(),
+                   "accuracy": correct.mean().item(), "kl_k1": masked_mean(*map(gather, (kl, mask))).item(),
                    "kl_per_completion": kl_per_completion, "beta": beta,
-                   "explained_variance": explained_variance(old_values, returns, mask),
+                   "explained_variance": explained_variance(*map(gather, (old_values, returns, mask))),
                    "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.ppo_epochs * (prompt_mask.sum().item() + n_tokens) / t_train),
+                   "train_tokens_per_s": int(args.ppo_epochs * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
@@ -417,8 +440,9 @@ def main(args: Args) -> dict:
                                                          "explained_variance", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "critic": critic.state_dict(), "beta": beta})
+                            {"step": step + 1, "optimizer": optimizer_state(trained, optimizer),
+                             "scheduler": scheduler.state_dict(), "beta": beta,
+                             "critic": full_state_dict(critic) if is_sharded(critic) else critic.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")
     return metrics
@@ -428,6 +452,9 @@ def logprobs_of(model, sequences, rows, temperature: float):
     """(log pi(o_t | q, o_<t), entropy) for some rows of (prompt_ids, prompt_mask, completion_ids, completion_mask)."""
     return completion_logprobs(model, *(t[rows] for t in sequences), temperature)
 
+
+# common's optimizer_state and load_optimizer_state take one model; this optimiser covers two, the actor and the
+# critic (two FSDP roots under --fsdp): the same, with the state's names taken from both.
 
 if __name__ == "__main__":
     with exit_on_error():

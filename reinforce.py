@@ -24,6 +24,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python reinforce.py --model HuggingFaceTB/SmolLM2-135M-Instruct --baseline rloo --group-size 8
        python reinforce.py                 # default model, built-in two-digit addition task, RLOO
+       torchrun --nproc-per-node 8 reinforce.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from typing import Literal
 
 import torch
 
-from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, completion_logprobs, decode,
-                    encode_prompts, evaluate, exit_on_error, generate, is_correct, load_eval_set, load_model,
-                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, parse_args, parse_number,
-                    prepare_output_dir, problem_stream, prompt_length_check, require, resolve_device, resolve_dtype,
-                    save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, autocast, check_args, check_finite,
+                    check_world_size, clip_grad_norm, completion_logprobs, decode, distribute, encode_prompts,
+                    evaluate, exit_on_error, gather, generate, init_distributed, is_correct, load_eval_set,
+                    load_model, load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, masked_mean,
+                    open_run, optimizer_state, parse_args, parse_number, prepare_output_dir, problem_stream,
+                    prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed, share, world_size)
 
 
 @dataclass
@@ -98,13 +100,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -146,10 +151,12 @@ def rloo_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def whiten(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(A - mean) / std over every valid token of the batch (not per group), 0 on padding."""
-    mean = masked_mean(advantages, mask)
-    std = masked_mean((advantages - mean) ** 2, mask).sqrt()
-    return (advantages - mean) / (std + eps) * mask
+    """(A - mean) / std over every valid token of the batch (not per group), 0 on padding; over the valid tokens of
+    the whole batch: under torchrun the sums are all-reduced over ranks (then, as masked_mean, in A's dtype)."""
+    n = advantages.new_tensor(all_reduce(mask.sum())).clamp(min=1)
+    mean = advantages.new_tensor(all_reduce((advantages * mask).sum())) / n
+    var = advantages.new_tensor(all_reduce(((advantages - mean) ** 2 * mask).sum())) / n
+    return (advantages - mean) / (var.sqrt() + eps) * mask
 
 
 def advantages_for(baseline: str, returns, scores, mask, k: int, running_mean: float = 0.0) -> torch.Tensor:
@@ -188,8 +195,9 @@ def main(args: Args) -> dict:
     check_args(args)
     require(args.baseline != "rloo" or k >= 2,
             f"--baseline rloo needs --group-size >= 2 (got {k}): the baseline of a sample is the mean of the others")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)  # global: 1/W each
+    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
     # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0)
@@ -201,12 +209,14 @@ def main(args: Args) -> dict:
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
+    model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None for m in (model, ref_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     start_step, running_mean = 0, 0.0  # running_mean: the --baseline mean b, from past batches only
     if checkpoint:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, running_mean = state["step"], state["running_mean"]
     problems = itertools.islice(problems, start_step * args.batch_size, None)
@@ -223,7 +233,8 @@ def main(args: Args) -> dict:
     for step in progress:
         # ---- 1. sample k completions per prompt from pi_theta ---------------------------------------------------
         t0 = time.time()
-        batch = [next(problems) for _ in range(args.batch_size)]
+        batch = share([next(problems) for _ in range(args.batch_size)])  # this rank's prompts (whole groups)
+        n_local, micro_batch_size = len(batch) * k, args.micro_batch_size // world_size()
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(k)], device,
                                                  args.max_prompt_length)
         with autocast(device, dtype):
@@ -247,23 +258,25 @@ def main(args: Args) -> dict:
             with torch.no_grad(), autocast(device, dtype):
                 kl = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
                                 - logprobs_of(ref_model, sequences, mb, args.temperature)[0]
-                                for mb in torch.arange(n_batch, device=device).split(args.micro_batch_size)])
+                                for mb in torch.arange(n_local, device=device).split(micro_batch_size)])
         returns = reward_to_go(token_rewards(scores, mask, kl, beta), mask, args.gamma)  # (B*k, C)
-        advantages = advantages_for(args.baseline, returns, scores, mask, k, running_mean)
+        advantages = advantages_for(args.baseline, returns, scores, mask, k, running_mean)  # rloo: whole groups here
+        scores, correct = gather(scores), gather(correct)  # the global batch's: the running mean, metrics
         running_mean = args.baseline_decay * running_mean + (1 - args.baseline_decay) * scores.mean().item()
 
         # ---- 4. one policy-gradient step [PG-TOKEN-LOSS] ---------------------------------------------------------
         t1 = time.time()
         model.train()
         loss_sum, entropies = 0.0, []
-        for mb in torch.arange(n_batch, device=device).split(args.micro_batch_size):
+        for mb in torch.arange(n_local, device=device).split(micro_batch_size):
             with autocast(device, dtype):
                 logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
-            loss = policy_gradient_loss(logprobs, advantages[mb], mask[mb], n_batch)
+            loss = policy_gradient_loss(logprobs, advantages[mb], mask[mb], n_batch)  # n: the global batch's
             loss.backward()
             loss_sum += loss.item()
             entropies.append(masked_mean(entropy.detach(), mask[mb]).item())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        all_reduce_gradients(model)  # the batch's gradient: the sum of the ranks' (one all-reduce per step)
+        grad_norm, loss_sum = clip_grad_norm(model, args.max_grad_norm), all_reduce(loss_sum)
         check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -272,16 +285,18 @@ def main(args: Args) -> dict:
         t_train = time.time() - t1
 
         # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
-        lengths = mask.sum(1).float()
+        lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's, as below
+        advantages, kl, mask = (gather(t) if t is not None else None for t in (advantages, kl, mask))
         n_tokens = int(lengths.sum())
         metrics = {"step": step + 1, "loss": loss_sum, "reward_mean": scores.mean().item(),
                    "reward_std": scores.std(correction=0).item(), "accuracy": correct.mean().item(),
                    "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
-                   "kl_k1": masked_mean(kl, mask).item() if kl is not None else 0.0, "entropy": fmean(entropies),
+                   "kl_k1": masked_mean(kl, mask).item() if kl is not None else 0.0,
+                   "entropy": all_reduce(fmean(entropies)) / world_size(),  # the mean over ranks of theirs
                    "grad_norm": grad_norm, "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int((prompt_mask.sum().item() + n_tokens) / t_train),
+                   "train_tokens_per_s": int((all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
@@ -289,7 +304,7 @@ def main(args: Args) -> dict:
                                                          "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict(), "running_mean": running_mean})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")

@@ -19,6 +19,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python reward.py --data pairs.jsonl --max-steps 200
        python reward.py                    # default model, built-in addition task
+       torchrun --nproc-per-node 8 reward.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from common import (DEFAULT_MODEL, Steps, arithmetic_problems, autocast, check_args, check_finite, check_messages,
-                    completion_text, encode_pairs, eval_problems, exit_on_error, forward_pass, load_model,
-                    load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
-                    prompt_length_check, read_jsonl, require, resolve_device, resolve_dtype, save_pretrained, set_seed)
+from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, arithmetic_problems, autocast, check_args,
+                    check_finite, check_messages, check_world_size, clip_grad_norm, completion_text, distribute,
+                    encode_pairs, eval_problems, exit_on_error, forward_pass, gather, init_distributed,
+                    load_model, load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, open_run,
+                    optimizer_state, parse_args, prepare_output_dir, prompt_length_check, rank, read_jsonl, require,
+                    resolve_dtype, save_pretrained, set_seed, share, world_size)
 
 
 @dataclass
@@ -76,13 +79,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --device, --gradient-checkpointing and --output-dir may change)"""
+    --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL of held-out prompt/chosen/rejected pairs; default: pairs from the built-in task's held-out split"""
     digits: int = 2
@@ -156,8 +162,9 @@ def main(args: Args) -> dict:
     check_args(args)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
+    set_seed(args.seed + rank())  # the head is drawn on every rank, then rank 0's is used (distribute)
     dtype = resolve_dtype(args.dtype, device)
 
     lm, tokenizer = load_model(args.model, device)
@@ -175,27 +182,33 @@ def main(args: Args) -> dict:
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         reward_model.gradient_checkpointing_enable()
+    # replicated, or sharded by FSDP2 (--fsdp) with backbone and head as units of their own, since
+    # reward_model_scores calls each directly; one process: as is
+    reward_model = distribute(reward_model, args.fsdp, dtype)
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(reward_model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
     pairs = itertools.islice(pairs, start_step * args.batch_size, None)
 
     @torch.no_grad()
     def pairwise_accuracy() -> float:
+        """Under torchrun each rank scores every W-th pair (all ranks the same number of forward passes, as FSDP
+        needs: a short share repeats its first pair, not counted); the wins are summed over ranks."""
         reward_model.eval()
-        wins = 0
-        for i in range(0, len(eval_pairs), args.micro_batch_size):
+        mine = eval_pairs[rank()::world_size()]
+        padded = mine + (mine or eval_pairs)[:1] * (-(-len(eval_pairs) // world_size()) - len(mine))
+        wins, micro_batch_size = [], args.micro_batch_size // world_size()
+        for i in range(0, len(padded), micro_batch_size):
             with autocast(device, dtype):
-                sequences = encode_pairs(tokenizer, eval_pairs[i:i + args.micro_batch_size], device,
-                                         args.max_prompt_length)
+                sequences = encode_pairs(tokenizer, padded[i:i + micro_batch_size], device, args.max_prompt_length)
                 chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
-            wins += (chosen > rejected).sum().item()
-        return wins / len(eval_pairs)  # only called with eval pairs
+            wins.append(chosen > rejected)
+        return all_reduce(torch.cat(wins)[:len(mine)].sum()) / len(eval_pairs)  # only called with eval pairs
 
     progress = Steps(start_step, args.max_steps, "reward")  # Ctrl-C: finish the step, save a checkpoint, stop
     metrics: dict = {}
@@ -205,20 +218,21 @@ def main(args: Args) -> dict:
 
     for step in progress:
         t0 = time.time()
-        batch = [next(pairs) for _ in range(args.batch_size)]
+        batch = share([next(pairs) for _ in range(args.batch_size)])  # this rank's pairs of the batch
         reward_model.train()
-        loss_sum, wins, margins, n_tokens = 0.0, 0, [], 0
-        for i in range(0, args.batch_size, args.micro_batch_size):
-            sequences = encode_pairs(tokenizer, batch[i:i + args.micro_batch_size], device, args.max_prompt_length)
+        loss_sum, wins, margins, n_tokens, micro_batch_size = 0.0, 0, [], 0, args.micro_batch_size // world_size()
+        for i in range(0, len(batch), micro_batch_size):
+            sequences = encode_pairs(tokenizer, batch[i:i + micro_batch_size], device, args.max_prompt_length)
             n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
                 chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
-            loss = bradley_terry_loss(chosen, rejected).sum() / args.batch_size  # [BT], mean over the batch
+            loss = bradley_terry_loss(chosen, rejected).sum() / args.batch_size  # [BT], mean over the global batch
             loss.backward()
             loss_sum += loss.item()
             wins += (chosen > rejected).sum().item()
             margins.append((chosen - rejected).detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm).item()
+        all_reduce_gradients(reward_model)  # the batch's gradient: the sum of the ranks' (one all-reduce per step)
+        grad_norm, loss_sum = clip_grad_norm(reward_model, args.max_grad_norm), all_reduce(loss_sum)
         check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -226,15 +240,15 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         step_time = max(time.time() - t0, 1e-9)
-        metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": wins / args.batch_size,
-                   "margin": torch.cat(margins).mean().item(), "grad_norm": grad_norm,
-                   "lr": lr, "train_tokens_per_s": int(n_tokens / step_time), "step_time": step_time}
+        metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": all_reduce(wins) / args.batch_size,
+                   "margin": gather(torch.cat(margins)).mean().item(), "grad_norm": grad_norm,
+                   "lr": lr, "train_tokens_per_s": int(all_reduce(n_tokens) / step_time), "step_time": step_time}
         if eval_pairs and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_pair_accuracy"] = pairwise_accuracy()
         progress.write(log_metrics(output_dir, metrics, ("loss", "pair_accuracy", "margin", "eval_pair_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(reward_model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                            {"step": step + 1, "optimizer": optimizer_state(reward_model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(reward_model, tokenizer, output_dir / "final")

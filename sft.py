@@ -12,6 +12,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 
 Usage: python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data train.jsonl --max-steps 500
        python sft.py                      # default model, built-in arithmetic task with correct answers
+       torchrun --nproc-per-node 8 sft.py --fsdp ...   # several GPUs: the same math (README)
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (DEFAULT_MODEL, Steps, autocast, check_args, check_finite, check_messages, completion_logprobs,
-                    encode_completions, encode_prompts, evaluate, exit_on_error, load_eval_set, load_model,
-                    load_trainer_state, log_metrics, lr_lambda, open_run, parse_args, prepare_output_dir,
-                    problem_stream, prompt_length_check, require, resolve_device, resolve_dtype, save_pretrained,
-                    set_seed)
+from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, autocast, check_args, check_finite,
+                    check_messages, check_world_size, clip_grad_norm, completion_logprobs, distribute,
+                    encode_completions, encode_prompts, evaluate, exit_on_error, init_distributed, load_eval_set,
+                    load_model, load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, open_run,
+                    optimizer_state, parse_args, prepare_output_dir, problem_stream, prompt_length_check, rank,
+                    require, resolve_dtype, save_pretrained, set_seed, share, world_size)
 
 
 @dataclass
@@ -71,13 +73,16 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    process holds the whole model (data parallel)"""
     eval_data: str | None = None
     """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
     digits: int = 2
@@ -121,8 +126,9 @@ def main(args: Args) -> dict:
     check_args(args)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
+    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
+    set_seed(args.seed + rank())
     dtype = resolve_dtype(args.dtype, device)
 
     model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
@@ -136,12 +142,13 @@ def main(args: Args) -> dict:
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model = distribute(model, args.fsdp, dtype)  # replicated, or sharded by FSDP2 (--fsdp); one process: as is
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
     rows = itertools.islice(rows, start_step * args.batch_size, None)  # the stream is a function of the seed
@@ -160,22 +167,24 @@ def main(args: Args) -> dict:
     # ---- training loop ------------------------------------------------------------------------------------------
     for step in progress:
         t0 = time.time()
-        prompts, completions = zip(*(to_example(next(rows)) for _ in range(args.batch_size)))
+        batch = share([to_example(next(rows)) for _ in range(args.batch_size)])  # this rank's rows of the batch
+        prompts, completions = zip(*batch)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), device, args.max_prompt_length)
         completion_ids, completion_mask = encode_completions(tokenizer, list(completions), device)
-        num_tokens = int(completion_mask.sum())  # N of [SFT-LOSS], over the whole batch
+        num_tokens = int(all_reduce(completion_mask.sum()))  # N of [SFT-LOSS], over the whole batch (all ranks)
 
         model.train()
-        loss_sum = 0.0
-        for i in range(0, args.batch_size, args.micro_batch_size):
-            mb = slice(i, i + args.micro_batch_size)
+        loss_sum, micro_batch_size = 0.0, args.micro_batch_size // world_size()
+        for i in range(0, len(batch), micro_batch_size):
+            mb = slice(i, i + micro_batch_size)
             with autocast(device, dtype):
                 logprobs, _ = completion_logprobs(model, prompt_ids[mb], prompt_mask[mb],
                                                   completion_ids[mb], completion_mask[mb])
-            loss = sft_loss(logprobs, completion_mask[mb], num_tokens)  # [SFT-LOSS]
+            loss = sft_loss(logprobs, completion_mask[mb], num_tokens)  # [SFT-LOSS]: this rank's share of it
             loss.backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        all_reduce_gradients(model)  # the batch's gradient: the sum of the ranks' (one all-reduce per step)
+        grad_norm, loss_sum = clip_grad_norm(model, args.max_grad_norm), all_reduce(loss_sum)
         check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -186,14 +195,14 @@ def main(args: Args) -> dict:
         step_time = max(time.time() - t0, 1e-9)
         metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm,
                    "lr": lr, "completion_len": num_tokens / args.batch_size,
-                   "train_tokens_per_s": int((prompt_mask.sum().item() + num_tokens) / step_time),
+                   "train_tokens_per_s": int((all_reduce(prompt_mask.sum()) + num_tokens) / step_time),
                    "step_time": step_time}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()
         progress.write(log_metrics(output_dir, metrics, ("loss", "grad_norm", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer.state_dict(),
+                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")

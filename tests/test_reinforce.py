@@ -187,7 +187,7 @@ def test_a_stop_request_saves_the_step_and_stops(tmp_path, tiny_model_dir, monke
     class StopAfterFirst(common.Steps):
         def __iter__(self):
             for step in super().__iter__():
-                self.stop_requested = True  # as if Ctrl-C came during the step
+                self._requested = True  # as if Ctrl-C came during the step (on this rank)
                 yield step
     monkeypatch.setattr(reinforce, "Steps", StopAfterFirst)
     with pytest.raises(common.Interrupted, match="after step 1"):

@@ -16,6 +16,7 @@ No advantages and no losses live here: those belong to the algorithm scripts.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -746,6 +747,7 @@ def init_distributed(device: str, fsdp: bool = False) -> torch.device:
         torch.cuda.set_device(resolved)
     dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=float(os.environ.get("POSTTRAIN_TIMEOUT_S", 600))))
+    atexit.register(dist.destroy_process_group)
     return resolved
 
 
@@ -810,6 +812,11 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
 
 
 def _comm_device() -> torch.device:
@@ -926,7 +933,7 @@ def open_run(args, script: str) -> Path | None:
     empty --output-dir (a copy of the run up to its checkpoint). A run that stopped before its first checkpoint
     starts over from step 0, in place."""
     if args.resume is None:
-        out = Path(args.output_dir or broadcast_object(f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
         if _holds_a_run(out):
             raise RunError(f"--output-dir {out} already holds a run: pass --resume {out} to continue it (from its "
                            f"last checkpoint, or from the start if it has none), or choose another --output-dir")
@@ -968,7 +975,10 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
     """Create (or continue) the run directory that open_run settled. Fresh: args.json. Resumed in place: the
     logged steps after the checkpoint are dropped (they will be redone; all of them if there is no checkpoint) and
     stale temporaries removed. Resumed into a new directory: a copy of the run up to its checkpoint."""
-    out = Path(args.output_dir)
+    # Under torchrun: rank 0's directory for all (a default name holds the time), and no rank writes before every
+    # rank has passed its checks (a collective: all ranks reach it).
+    out = Path(args.output_dir) if world_size() == 1 else Path(broadcast_object(args.output_dir))
+    args.output_dir = str(out)
     if not is_main():  # rank 0 writes the run directory; the others only read from it
         return out
     step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
@@ -1113,6 +1123,7 @@ def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None =
     rng = gather_objects((random.getstate(), torch.get_rng_state(),
                           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))  # one per rank
     if not is_main():
+        _barrier()  # until rank 0 has written it: then every rank may rely on it (or exit)
         return
     tensors = [t for name, m in models.items() for t in (state_dicts[name] or dict(m.named_parameters())).values()]
     if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
@@ -1142,6 +1153,7 @@ def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, target)
+    _barrier()
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

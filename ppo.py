@@ -453,9 +453,6 @@ def logprobs_of(model, sequences, rows, temperature: float):
     return completion_logprobs(model, *(t[rows] for t in sequences), temperature)
 
 
-# common's optimizer_state and load_optimizer_state take one model; this optimiser covers two, the actor and the
-# critic (two FSDP roots under --fsdp): the same, with the state's names taken from both.
-
 if __name__ == "__main__":
     with exit_on_error():
         main(parse_args(Args, __doc__))

@@ -141,7 +141,7 @@ def test_the_comparisons_have_teeth(runs, tiny_model_dir):
 
 def test_rl_scripts_learn_and_resume_under_torchrun(tmp_path, tiny_model_dir):
     """Real sampling, 2 processes: each RL script learns the toy task; a run resumed from its step-2 checkpoint ends
-    with the uninterrupted run's weights."""
+    with the uninterrupted run's weights; FSDP's sampling and evaluation give the replicated run's numbers."""
     data = toy_task(tmp_path)
     toy = dict(model=tiny_model_dir, data=data, eval_size=0, max_new_tokens=3, temperature=1.0, save_every=1000)
     learn = {"grpo": dict(max_steps=40, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=1e-2),
@@ -151,6 +151,10 @@ def test_rl_scripts_learn_and_resume_under_torchrun(tmp_path, tiny_model_dir):
              "ppo": dict(max_steps=60, batch_size=32, mini_batch_size=16, micro_batch_size=16, learning_rate=2e-3)}
     resume = dict(toy, max_steps=4, save_every=2, batch_size=4, group_size=4, micro_batch_size=8, learning_rate=1e-3)
     runs = [{"script": s, "args": dict(toy, **a, output_dir=str(tmp_path / s))} for s, a in learn.items()]
+    sampled = dict(toy, max_steps=3, batch_size=4, group_size=4, micro_batch_size=8, learning_rate=1e-3,
+                   max_new_tokens=6, eval_every=3, eval_size=10, eval_data=data)  # real sampling and evaluation
+    runs += [{"script": "grpo", "args": dict(sampled, output_dir=str(tmp_path / "sampled"))},
+             {"script": "grpo", "args": dict(sampled, fsdp=True, output_dir=str(tmp_path / "sampled-fsdp"))}]
     runs += [{"script": "grpo", "args": dict(resume, output_dir=str(tmp_path / "whole"))},
              {"script": "grpo", "args": dict(resume, resume=str(tmp_path / "whole"),
                                              output_dir=str(tmp_path / "resumed"))}]
@@ -160,6 +164,10 @@ def test_rl_scripts_learn_and_resume_under_torchrun(tmp_path, tiny_model_dir):
         rewards = logged(tmp_path / script, "reward_mean")
         assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-4:]) / 4 > 0.6, (script, rewards)
     assert_same_run(tmp_path / "whole", tmp_path / "resumed", atol=0, gradients=False)
+    # FSDP samples (every forward collective, ranks stopping at different lengths) and evaluates as replicated does
+    assert_same_run(tmp_path / "sampled", tmp_path / "sampled-fsdp")
+    assert logged(tmp_path / "sampled", "eval_accuracy") == logged(tmp_path / "sampled-fsdp", "eval_accuracy")
+    assert logged(tmp_path / "sampled", "completion_len") == logged(tmp_path / "sampled-fsdp", "completion_len")
 
 
 def test_a_failing_rank_takes_the_others_down_with_its_message(tmp_path, tiny_model_dir):

@@ -307,11 +307,12 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_completes_the_run(finished
         return original(*args, **kwargs)
     monkeypatch.setattr(grpo, "reward", reward_then_interrupt)
     interrupted = tmp_path / "interrupted"
+    handler = signal.getsignal(signal.SIGINT)  # the default one, or SIG_IGN in a background job
     with pytest.raises(common.Interrupted, match="after step 2, whose checkpoint is saved: continue with --resume"):
         grpo.main(small_args(tmp_path, tiny_model_dir, save_every=1000, output_dir=str(interrupted)))
     monkeypatch.setattr(grpo, "reward", original)
     assert common.read_trainer_state(interrupted / "checkpoint")["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
     grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(interrupted)]))
     assert comparable(metrics_lines(interrupted)) == comparable(lines)
     for p, q in zip(final_weights(interrupted), weights):

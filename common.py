@@ -444,11 +444,9 @@ def eval_problems(n: int, digits: int = 2, ops: str = "+", task: str = "arithmet
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int, device, dtype,
              max_prompt_length: int | None = None) -> float:
-    """Greedy accuracy on held-out problems. Under torchrun each rank answers every W-th problem (all ranks the same
-    number of generate calls, as FSDP needs: a short share repeats its first problem, not counted) and the right
-    answers are summed over ranks."""
-    mine = problems[rank()::world_size()]
-    padded = mine + (mine or problems)[:1] * (-(-len(problems) // world_size()) - len(mine))
+    """Greedy accuracy on held-out problems. Under torchrun each rank answers its share (`share_padded`: all ranks
+    the same number of generate calls, as FSDP needs) and the right answers are summed over ranks."""
+    mine, padded = share_padded(problems)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in padded], device, max_prompt_length)
     with autocast(device, dtype):
         ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True,
@@ -777,6 +775,15 @@ def share(items: list) -> list:
     return items[rank() * n:(rank() + 1) * n]
 
 
+def share_padded(items: list) -> tuple[list, list]:
+    """This rank's contiguous share of items that need not divide evenly (ceil(n/W) each, the last ones shorter), and
+    that share padded to ceil(n/W) with copies of its first item (or items[0]): under FSDP every rank makes the same
+    number of forward passes. Drop the padding's results; the shares gathered in rank order are the items."""
+    n = -(-len(items) // world_size())
+    mine = items[rank() * n:(rank() + 1) * n]
+    return mine, mine + (mine or items)[:1] * (n - len(mine))
+
+
 def all_reduce(value: float, op: str = "sum") -> float:
     """A number summed (or its max, or min) over ranks."""
     if world_size() == 1:
@@ -877,7 +884,10 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 
 def full_state_dict(model) -> dict:
-    """An FSDP model's whole state dict, gathered from the shards onto rank 0's CPU (every rank must call it)."""
+    """The model's whole state dict: its own, or under FSDP gathered from the shards onto rank 0's CPU (every rank
+    must call it)."""
+    if not is_sharded(model):
+        return model.state_dict()
     _reshard(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):  # saved once, as save_pretrained does

@@ -51,7 +51,7 @@ from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, all_reduce, 
                     is_correct, is_main, load_eval_set, load_model, load_optimizer_state, load_trainer_state,
                     log_metrics, lr_lambda, open_run, optimizer_state, parse_answer, parse_args, parse_number,
                     prepare_output_dir, prompt_length_check, rank, read_jsonl, require, resolve_dtype,
-                    save_pretrained, set_seed, share, world_size, write_atomic)
+                    save_pretrained, set_seed, share, share_padded, world_size, write_atomic)
 
 
 @dataclass
@@ -285,15 +285,6 @@ def ranking_logprobs(model, tokenizer, rows: list[dict], device, max_length: int
     valid[where] = True
     table = torch.zeros(valid.shape, device=device).index_put(where, sequence_logprob(logprobs, sequences[3], average))
     return table, valid, int(sequences[1].sum() + sequences[3].sum())
-
-
-def share_padded(items: list) -> tuple[list, list]:
-    """This rank's contiguous share of items that need not divide evenly (ceil(n/W) each, the last ones shorter), and
-    that share padded to ceil(n/W) with copies of its first item (or items[0]): under FSDP every rank makes the same
-    number of forward passes. Drop the padding's results; the shares' gathered in rank order are the items'."""
-    n = -(-len(items) // world_size())
-    mine = items[rank() * n:(rank() + 1) * n]
-    return mine, mine + (mine or items)[:1] * (n - len(mine))
 
 
 def ref_table(rows: list[dict], device) -> torch.Tensor:

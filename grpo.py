@@ -533,7 +533,8 @@ def main(args: Args) -> dict:
                    "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
+                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens)
+                                             / t_train),
                    "step_time": time.time() - t0, **iteration}
         if args.supervision == "process":
             metrics["step_accuracy"] = step_accuracy

@@ -328,7 +328,8 @@ def main(args: Args) -> dict:
                    "lr": lr, "completion_len": lengths.mean().item(),
                    "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
                    "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
+                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens)
+                                             / t_train),
                    "step_time": time.time() - t0}
         if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             metrics["eval_accuracy"] = run_eval()

@@ -39,7 +39,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from common import (DEFAULT_MODEL, RunError, Steps, all_reduce, all_reduce_gradients, autocast, check_args,
                     check_finite, check_world_size, clip_grad_norm, completion_logprobs, decode, distribute,
                     encode_prompts, evaluate, exit_on_error, forward_pass, full_state_dict, gather, generate,
-                    init_distributed, is_correct, is_sharded, load_eval_set, load_model, load_optimizer_state,
+                    init_distributed, is_correct, load_eval_set, load_model, load_optimizer_state,
                     load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, optimizer_state, parse_args,
                     parse_number, prepare_output_dir, problem_stream, prompt_length_check, rank, require,
                     resolve_dtype, save_pretrained, set_seed, share, world_size)
@@ -442,7 +442,7 @@ def main(args: Args) -> dict:
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer_state(trained, optimizer),
                              "scheduler": scheduler.state_dict(), "beta": beta,
-                             "critic": full_state_dict(critic) if is_sharded(critic) else critic.state_dict()})
+                             "critic": full_state_dict(critic)})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final")
     return metrics

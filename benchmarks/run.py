@@ -4,10 +4,12 @@ stated step budget; write a markdown table and plots of what each one learned an
     python benchmarks/run.py                                  # all six, the settings below
     python benchmarks/run.py --algorithms grpo dpo --steps 20 --out benchmarks/results-quick
 
-Each run goes through benchmarks/measure.py (wall time, peak memory) and leaves its own run directory under --out;
-a finished run is reused (read up to --steps if it went further), so an interrupted benchmark continues where it
-stopped. Held-out accuracy is greedy, on the same --eval-size problems of the held-out split for every algorithm,
-before the first step and after the last.
+Each run goes through benchmarks/measure.py (wall time, peak memory) and leaves its own run directory under --out,
+by default a fresh benchmarks/results-<YYYYmmdd-HHMMSS>, so committed results are never overwritten. Given an
+existing --out, a finished run there is reused (read up to --steps if it went further), so an interrupted benchmark
+continues where it stopped when given its directory again. Held-out accuracy is greedy, on the same --eval-size
+problems of the held-out split for every algorithm, before the first step and after the last. The curves are
+plot.py's (skipped, with a note, when matplotlib is not installed).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from plot import NoMatplotlib, load_runs, plot_runs  # noqa: E402  (the repository root's plot.py)
 
 # Per-algorithm settings: each script's defaults, with batch sizes cut so that the whole benchmark fits a few hours
 # of two CPU cores: 64 sampled completions per step for the group methods (8 prompts x 8), 32 rollouts for PPO
@@ -47,8 +52,9 @@ class Args:
     eval_size: int = 200
     """held-out problems per evaluation"""
     seed: int = 0
-    out: str = "benchmarks/results"
-    """where the run directories, results.json, results.md and the plots go"""
+    out: str | None = None
+    """where the run directories, results.json, results.md and the plots go (default: a fresh
+    benchmarks/results-<YYYYmmdd-HHMMSS>); an existing one is continued, its finished runs reused"""
     extra: list[str] = field(default_factory=list)
     """more flags for every script, e.g. --extra=--dtype=bfloat16"""
 
@@ -76,36 +82,19 @@ def run(algorithm: str, args: Args, out: Path) -> dict:
             "train_tokens_per_s": mean("train_tokens_per_s"), "log": log}
 
 
-def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def output_dir(args: Args) -> Path:
+    """--out, absolute (the scripts run with the repository root as their working directory)."""
+    return Path(args.out or ROOT / "benchmarks" / f"results-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for r in results:
-        steps, accuracy = zip(*r["evals"])
-        elapsed, total = {0: 0.0}, 0.0
-        for m in r["log"]:
-            total += m.get("step_time", 0.0)
-            elapsed[m["step"]] = total
-        axes[0].plot(steps, accuracy, marker="o", label=r["algorithm"])
-        axes[1].plot([elapsed[s] / 60 for s in steps], accuracy, marker="o", label=r["algorithm"])
-        train = [(m["step"], m["accuracy"]) for m in r["log"] if "accuracy" in m]
-        if train:
-            xs, ys = zip(*train)
-            window = 5
-            smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
-                      for i in range(len(ys))]
-            axes[2].plot(xs, smooth, label=r["algorithm"])
-    axes[0].set(xlabel="step", ylabel="held-out greedy accuracy", title="accuracy vs step")
-    axes[1].set(xlabel="training time (min, evaluation excluded)", ylabel="held-out greedy accuracy",
-                title="accuracy vs wall time")
-    axes[2].set(xlabel="step", ylabel="accuracy of sampled completions (5-step mean)", title="RL: reward vs step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+
+def plot(args: Args, out: Path) -> None:
+    """plot.py's curves of the benchmark's runs, read up to --steps like the table."""
+    runs = [(label, [m for m in rows if m["step"] <= args.steps])
+            for label, rows in load_runs([out / algorithm for algorithm in args.algorithms])]
+    try:
+        print(f"wrote {plot_runs(runs, out / 'curves.png')}")
+    except NoMatplotlib:
+        print("skipped the plot: matplotlib is not installed (pip install matplotlib)")
 
 
 def table(results: list[dict]) -> str:
@@ -125,14 +114,14 @@ def table(results: list[dict]) -> str:
 
 
 def main(args: Args) -> None:
-    out = Path(args.out)
+    out = output_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     results = [run(algorithm, args, out) for algorithm in args.algorithms]
     (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "log"} for r in results],
                                                  indent=2) + "\n")
     (out / "results.md").write_text(table(results))
-    plot(results, out)
     print(table(results))
+    plot(args, out)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,14 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
+def make_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2,
+               initializer_range: float = 0.02) -> LlamaForCausalLM:
+    """initializer_range: with the default, the final norm and the small tied embeddings cap every token's
+    probability at a few percent unless the embeddings themselves train; LoRA, which leaves them frozen, needs ~0.1."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
+                         max_position_embeddings=512, tie_word_embeddings=True, initializer_range=initializer_range,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config).eval()

@@ -300,7 +300,8 @@ def test_dpo_learns_toy_rankings(tmp_path, tiny_model_dir):
     last = dpo.main(toy_args(tmp_path, tiny_model_dir, data=toy_rankings(tmp_path), max_steps=20, batch_size=48,
                              micro_batch_size=24, learning_rate=5e-3, eval_every=20, eval_size=0, held_out_pairs=0.2))
     log = run_rows(tmp_path)
-    assert log[0] == {"step": 0, "eval_rank_accuracy": 0.0, "num_rankings": 60}  # pi = pi_ref: every u is 0, a tie
+    assert {k: v for k, v in log[0].items() if k != "time"} == {"step": 0, "eval_rank_accuracy": 0.0,
+                                                                "num_rankings": 60}  # pi = pi_ref: every u is 0, a tie
     rows = common.read_jsonl(tmp_path / "run" / "rankings.jsonl", ("prompt", "ranked", "ref_ranked"))
     assert {"prompt": "Say 0.", "ranked": ["7", "9"]} in [{k: r[k] for k in ("prompt", "ranked")} for r in rows]
     start = sum(math.log(math.factorial(len(r["ranked"]))) for r in rows[12:]) / 48  # -log(1/K!) at pi = pi_ref
@@ -364,3 +365,122 @@ def test_ranking_flags_are_checked_before_anything_is_written(tmp_path, tiny_mod
     with pytest.raises(common.RunError, match=message):
         dpo.main(toy_args(tmp_path, tiny_model_dir, **flags))
     assert not (tmp_path / "run").exists()
+
+
+# ---- LoRA: only adapters train, pi_ref is the model with them off; data from other sources ---------------------------
+
+@pytest.fixture(scope="module")
+def lora_model_dir(tmp_path_factory):
+    """A tiny model whose frozen embeddings still allow confident predictions (see helpers.make_model)."""
+    path = tmp_path_factory.mktemp("tiny-lora")
+    tokenizer = make_tokenizer()
+    make_model(tokenizer, initializer_range=0.15).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+LORA = dict(lora_rank=8, lora_alpha=16)
+
+
+def test_lora_dpo_learns_toy_preferences(tmp_path, lora_model_dir, capsys):
+    """When the thresholds were set, seeds 0-3 all gave eval_pref_accuracy 0 -> 1, a last loss <= 0.21, a margin
+    >= 1.5, and the greedy accuracy (says 7) 0 -> 1.0, 1.0, 1.0, 0.3."""
+    last = dpo.main(toy_args(tmp_path, lora_model_dir, **LORA, learning_rate=2e-2, max_steps=15, eval_every=15,
+                             micro_batch_size=16))
+    assert "LoRA), batch: 16 pairs" in capsys.readouterr().out  # describe_run: only the adapters train
+    log = run_rows(tmp_path)
+    assert log[0]["eval_pref_accuracy"] == 0.0  # fresh adapters are zero: pi_theta = pi_ref, every margin 0
+    assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert last["eval_pref_accuracy"] == 1.0 and last["pref_accuracy"] == 1.0
+    assert last["loss"] < 0.3 and last["margin"] > 1.2
+    assert last["eval_accuracy"] > log[0]["eval_accuracy"] == 0.0
+
+
+def test_lora_pairs_are_sampled_and_scored_by_pi_ref_the_model_with_its_adapters_off(tmp_path, lora_model_dir,
+                                                                                      monkeypatch, capsys):
+    """Built-in pairs: generate() is given the starting model, and the stored reference log-probs are the starting
+    model's, even though the policy's adapters are not zero here (fresh ones are: they would hide a pi_ref that is
+    really pi_theta). A few of the samples go to samples.jsonl at step 0, and to the terminal."""
+    monkeypatch.setattr(dpo, "is_correct", lambda completion, answer: "a" in completion)  # the tiny model can't add
+    policies = []
+
+    def perturbed_policy(args, checkpoint, device):
+        model, tokenizer = common.load_policy(args, checkpoint, device)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        policies.append(model)
+        return model, tokenizer
+
+    base, tokenizer = common.load_model(lora_model_dir)
+    probe = tokenizer(["Say 5.<|im_end|>"], return_tensors="pt").input_ids
+    given = []  # the logits, on the probe, of each model generate() is given, when it is given it
+
+    def spy(model, *args, **kwargs):
+        with torch.no_grad():
+            given.append(model(input_ids=probe).logits)
+        return common.generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "load_policy", perturbed_policy)
+    monkeypatch.setattr(dpo, "generate", spy)
+    dpo.main(toy_args(tmp_path, lora_model_dir, **LORA, data=None, digits=1, num_prompts=16, num_samples=4,
+                      max_new_tokens=6, temperature=1.0, max_steps=2, eval_every=0))
+    with torch.no_grad():
+        expected = base(input_ids=probe).logits
+        assert len(given) == 1 and (given[0] - expected).abs().max() < 1e-5
+        assert (policies[0](input_ids=probe).logits - expected).abs().max() > 0.1  # the adapters on: not pi_ref
+        pairs = common.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
+        chosen, rejected = dpo.pair_logprobs(base, common.encode_pairs(tokenizer, pairs, "cpu"), False)
+    torch.testing.assert_close(torch.tensor([p["ref_chosen"] for p in pairs]), chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([p["ref_rejected"] for p in pairs]), rejected, rtol=1e-5, atol=1e-4)
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [0] * 4 and all(s.keys() >= {"prompt", "completion", "answer", "correct"}
+                                                           for s in samples)
+    shown = capsys.readouterr().out
+    assert all(repr(s["completion"][:80]) in shown for s in samples)
+
+
+def test_a_lora_run_saves_adapters_and_pi_ref_stays_the_starting_model(tmp_path, lora_model_dir):
+    """final/ holds the adapters (peft loads them; common.load_model merges them into the base), final/merged the
+    merged weights (plain transformers); with the adapters off, the trained policy is exactly the starting model."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    dpo.main(toy_args(tmp_path, lora_model_dir, **LORA, learning_rate=2e-2, max_steps=3, eval_every=0,
+                      merge_lora=True))
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    adapters = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(final / "merged")).eval()
+    ours, tokenizer = common.load_model(str(final))
+    base = AutoModelForCausalLM.from_pretrained(lora_model_dir).eval()
+    ids = tokenizer(["Say 5.<|im_end|>"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = adapters(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+        assert (expected - base(input_ids=ids).logits).abs().max() > 1e-3  # it trained
+        with common.reference_model(adapters, None) as ref:
+            torch.testing.assert_close(ref(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_pairs_from_a_parquet_file_with_their_own_column_names(tmp_path, tiny_model_dir, capsys):
+    """--prompt-field, --chosen-field and --rejected-field map a parquet file's columns; with --data and no
+    --eval-data there is no task accuracy (the pairs have no answers), only the held-out pairs' accuracy."""
+    import datasets
+    rows = [{"instruction": f"Say {d}.", "good": "7", "bad": w, "id": i}
+            for i, (d, w) in enumerate(itertools.product(range(10), "012345689"))]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    names = dict(prompt_field="instruction", chosen_field="good", rejected_field="bad")
+    missing = r"pairs\.parquet: row 1: missing field\(s\) worse \(--rejected-field\)"
+    with pytest.raises(common.RunError, match=missing):
+        dpo.main(toy_args(tmp_path, tiny_model_dir, data=str(tmp_path / "pairs.parquet"),
+                          **{**names, "rejected_field": "worse"}))
+    assert not (tmp_path / "run").exists()
+    last = dpo.main(toy_args(tmp_path, tiny_model_dir, data=str(tmp_path / "pairs.parquet"), eval_data=None,
+                             **names, max_steps=4, eval_every=4))
+    assert "note: no task accuracy (eval_accuracy)" in capsys.readouterr().err
+    assert "eval_accuracy" not in last and last["eval_pref_accuracy"] == 1.0 and last["margin"] > 0
+    saved = common.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
+    assert sorted((r["prompt"], r["chosen"], r["rejected"], r["id"]) for r in saved) == sorted(
+        (r["instruction"], r["good"], r["bad"], r["id"]) for r in rows)

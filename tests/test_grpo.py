@@ -304,7 +304,7 @@ def test_iterative_grpo_resumed_mid_iteration_reproduces_the_uninterrupted_run(t
         a = common.load_model(str(tmp_path / "run" / "final" / sub))[0]
         b = common.load_model(str(tmp_path / "resumed" / "final" / sub))[0]
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time")
+    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time", "time")
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
             for run in (tmp_path / "run", tmp_path / "resumed")]
     assert rows[0] == rows[1] and len(rows[0]) == 6 and "rm_loss" in rows[0][5]

@@ -1,12 +1,13 @@
 """ppo.py: GAE against the direct sum, rewards, clipping, the critic, learning end to end (reward.py's own tests:
 test_reward.py)."""
 
+import contextlib
 import json
 import math
 
 import pytest
 import torch
-from helpers import logged, pair_files, toy_task
+from helpers import logged, make_model, pair_files, toy_task
 
 import common
 import ppo
@@ -171,7 +172,7 @@ def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     a, _ = common.load_model(str(tmp_path / "run" / "final"))
     b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time")
+    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time", "time")
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
             for run in (tmp_path / "run", tmp_path / "resumed")]
     assert rows[0] == rows[1] and len(rows[0]) == 4  # value_loss and beta too: the critic and beta were restored
@@ -182,6 +183,7 @@ def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     (dict(temperature=0.0), "--temperature 0.0: must be > 0"), (dict(gamma=1.5), "--gamma 1.5: must be in"),
     (dict(mini_batch_size=12), r"--batch-size \(32\) must be a multiple of --mini-batch-size \(12\)"),
     (dict(clip_value=-1.0), "--clip-value"), (dict(vf_coef=float("inf")), "--vf-coef inf: must be a finite number"),
+    (dict(lora_rank=8, shared_backbone=True), "--shared-backbone with --lora-rank"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, flag, message):
     with pytest.raises(common.RunError, match=message):
@@ -196,3 +198,85 @@ def test_a_missing_or_untrained_reward_model_is_refused_before_anything_is_writt
     with pytest.raises(common.RunError, match=r"--reward-model .*: not a trained reward model \(score.weight"):
         ppo.main(toy_args(tmp_path, tiny_model_dir, reward_model=tiny_model_dir))
     assert not (tmp_path / "run").exists()
+
+
+# ---- LoRA and other data ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny model whose larger initial weights let frozen embeddings reach high probabilities (helpers.make_model):
+    with the default 0.02, LoRA cannot learn the toy task."""
+    path = tmp_path_factory.mktemp("tiny-llama-lora")
+    make_model(tokenizer, initializer_range=0.15).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_ppo_with_lora_learns_the_toy_task(tmp_path, lora_model_dir):
+    """Only the actor's adapters and the critic train. Seeds 0-5 all go from ~0.02 to ~0.9 in 25 steps."""
+    ppo.main(toy_args(tmp_path, lora_model_dir, max_steps=25, learning_rate=1e-2, lora_rank=8, lora_alpha=16))
+    rewards = logged(tmp_path / "run", "reward_mean")
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.7
+
+
+def test_ppo_with_lora_takes_pi_ref_from_the_actor_with_its_adapters_off(tmp_path, lora_model_dir, monkeypatch):
+    """At every step the pi_ref that ppo uses gives the starting model's log-probs, although the adapters have moved
+    the actor away from it; the first step's KL is exactly 0, as with a separate copy. final/ holds the adapters,
+    which load with peft and as a merged model, and final/merged is that merged model."""
+    base, tokenizer = common.load_model(lora_model_dir)
+    batch = (*common.encode_prompts(tokenizer, ["Say 1.", "Say 23."]),
+             *common.encode_completions(tokenizer, ["7", "45"]))
+    with torch.no_grad():
+        expected = common.completion_logprobs(base, *batch)[0]
+    gaps = []  # (pi_ref - starting model, pi_theta - starting model), largest log-prob difference at each step
+
+    @contextlib.contextmanager
+    def checked_reference_model(model, ref_model):
+        assert ref_model is None  # no second copy with LoRA
+        with torch.no_grad():
+            theta = common.completion_logprobs(model, *batch)[0]
+            with common.reference_model(model, ref_model) as ref:
+                gaps.append(((common.completion_logprobs(ref, *batch)[0] - expected).abs().max().item(),
+                             (theta - expected).abs().max().item()))
+                yield ref
+
+    monkeypatch.setattr(ppo, "reference_model", checked_reference_model)
+    ppo.main(toy_args(tmp_path, lora_model_dir, max_steps=3, batch_size=16, mini_batch_size=8, micro_batch_size=8,
+                      learning_rate=1e-2, lora_rank=8, lora_alpha=16, merge_lora=True, max_new_tokens=1,
+                      format_reward=1.0))  # one token: a digit ~1 in 8, so rewards are not all 0 and the actor moves
+    assert len(gaps) == 3 and all(ref_gap < 1e-6 for ref_gap, _ in gaps)
+    assert gaps[0][1] == 0 and gaps[-1][1] > 1e-2  # the adapters start at zero, then move the actor
+    kl = logged(tmp_path / "run", "kl_k1")
+    assert kl[0] == 0 and kl[-1] > 0
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()
+    adapted = AutoPeftModelForCausalLM.from_pretrained(final).eval()
+    merged, _ = common.load_model(str(final))
+    plain = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    ids, mask = batch[0], batch[1]
+    with torch.no_grad():
+        logits = [m(input_ids=ids, attention_mask=mask).logits for m in (adapted, merged, plain, base)]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[2], logits[0], atol=1e-5, rtol=1e-5)
+    assert (logits[0] - logits[3]).abs().max() > 1e-2  # the saved adapters are the trained ones
+
+
+def test_ppo_trains_on_a_parquet_file_whose_columns_are_named_by_the_field_flags(tmp_path, tiny_model_dir):
+    """--data as a parquet file with other column names, mapped by --prompt-field/--answer-field; a held-out 10% of
+    its rows gives the eval accuracy, and samples.jsonl shows the file's prompts with their answers and rewards."""
+    import datasets
+    rows = [{"instruction": f"Say {d}.", "target": "7", "id": d} for d in range(20)]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "toy.parquet")
+    ppo.main(toy_args(tmp_path, tiny_model_dir, data=str(tmp_path / "toy.parquet"), eval_data=None, max_steps=2,
+                      batch_size=8, mini_batch_size=8, micro_batch_size=8, eval_every=1, prompt_field="instruction",
+                      answer_field="target"))
+    assert all(isinstance(v, float) for v in logged(tmp_path / "run", "eval_accuracy"))  # held-out rows of the file
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [1] * 4 + [2] * 4
+    assert all(s["prompt"] in {r["instruction"] for r in rows} and str(s["answer"]) == "7" for s in samples)
+    assert all(s["reward"] == ppo.reward(s["completion"], common.is_correct(s["completion"], 7)) for s in samples)

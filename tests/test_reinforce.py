@@ -1,11 +1,12 @@
 """reinforce.py: returns and baselines by hand and brute force, baseline invariance measured, learning end to end."""
 
+import contextlib
 import json
 import re
 
 import pytest
 import torch
-from helpers import logged, toy_task
+from helpers import logged, make_model, make_tokenizer, toy_task
 
 import common
 import reinforce
@@ -170,7 +171,7 @@ def test_reinforce_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_d
     a, _ = common.load_model(str(tmp_path / "run" / "final"))
     b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time")
+    timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time", "time")
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
             for run in (tmp_path / "run", tmp_path / "resumed")]
     assert rows[0] == rows[1] and len(rows[0]) == 4 and rows[0][-1]["reward_mean"] > 0
@@ -194,3 +195,52 @@ def test_a_stop_request_saves_the_step_and_stops(tmp_path, tiny_model_dir, monke
         reinforce.main(toy_args(tmp_path, tiny_model_dir, max_steps=4, batch_size=2, group_size=2))
     assert common.read_trainer_state(tmp_path / "run" / "checkpoint")["step"] == 1
     assert not (tmp_path / "run" / "final").exists() and logged(tmp_path / "run", "step") == [1]
+
+
+@pytest.fixture(scope="module")
+def lora_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny model whose wider initialisation lets frozen embeddings reach high probabilities (helpers.make_model)."""
+    path = tmp_path_factory.mktemp("tiny-llama-lora")
+    make_model(tokenizer, initializer_range=0.15).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reinforce_learns_the_toy_task_with_lora(tmp_path, lora_model_dir):
+    """Seeds 0-3: reward 0.00-0.03 over the first 3 steps, 0.95-0.96 over the last 4."""
+    reinforce.main(toy_args(tmp_path, lora_model_dir, baseline="rloo", lora_rank=8, lora_alpha=16,
+                            learning_rate=1e-2, max_steps=30))
+    rewards = logged(tmp_path / "run", "reward_mean")
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.85
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+
+
+def test_with_lora_pi_ref_is_the_starting_model_with_no_second_copy(tmp_path, lora_model_dir, monkeypatch):
+    """reinforce++ folds the KL to pi_ref into the reward: with --lora-rank, pi_ref is the policy with its adapters
+    off, whose log-probs are exactly the starting model's at every step, while the policy itself moves away."""
+    tokenizer, base = make_tokenizer(), common.load_model(lora_model_dir)[0]
+    batch = (*common.encode_prompts(tokenizer, ["Say 1.", "Say 23."]),
+             *common.encode_completions(tokenizer, ["7", "45"]))
+    ref_vs_base, policy_vs_base = [], []
+    original = reinforce.reference_model
+
+    @contextlib.contextmanager
+    def checked(model, ref_model):
+        assert ref_model is None  # no second copy loaded
+        with original(model, ref_model) as ref, torch.no_grad():
+            ref_vs_base.append((common.completion_logprobs(ref, *batch)[0]
+                                - common.completion_logprobs(base, *batch)[0]).abs().max().item())
+            yield ref
+        with torch.no_grad():
+            policy_vs_base.append((common.completion_logprobs(model, *batch)[0]
+                                   - common.completion_logprobs(base, *batch)[0]).abs().max().item())
+    monkeypatch.setattr(reinforce, "reference_model", checked)
+    reinforce.main(toy_args(tmp_path, lora_model_dir, baseline="reinforce++", lora_rank=8, lora_alpha=16,
+                            learning_rate=1e-2, max_steps=4, batch_size=4, group_size=4, max_new_tokens=1,
+                            format_reward=1.0))  # one token: a digit ~1 time in 8, so rewards are not all 0
+    assert ref_vs_base == [0.0] * 4
+    assert policy_vs_base[0] == 0.0 and policy_vs_base[-1] > 1e-3  # fresh adapters are 0; then they train
+    kl = logged(tmp_path / "run", "kl_k1")
+    assert kl[0] == 0.0 and kl[-1] != 0.0  # as with a full copy: exactly 0 before the first update

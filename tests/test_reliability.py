@@ -175,7 +175,7 @@ def metrics_lines(run_dir):
 
 
 def comparable(rows):
-    timing = ("step_time", "sample_tokens_per_s", "train_tokens_per_s")
+    timing = ("step_time", "sample_tokens_per_s", "train_tokens_per_s", "time")
     return [{k: v for k, v in row.items() if k not in timing} for row in rows]
 
 

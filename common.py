@@ -1502,9 +1502,10 @@ class Steps:
         if not is_main():
             return
         if self._started is not None and line:
-            done = self._step + 1 - self.start
-            per_step = (time.time() - self._started) / done
-            line += f" | {per_step:.1f} s/step, {_duration(per_step * (self.stop - self._step - 1))} to go"
+            elapsed = time.time() - self._started
+            per_step = elapsed / (self._step + 1 - self.start)
+            left = per_step * (self.stop - self._step - 1)
+            line += f" | {per_step:.1f} s/step, {_duration(left)} to go ({_duration(elapsed + left)} in all)"
         tqdm.write(line)
 
     def stop_if_requested(self, step: int, output_dir: Path) -> None:

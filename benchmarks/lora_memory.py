@@ -5,9 +5,9 @@ training state it holds: weights, the reference model's copy, gradients and Adam
     python benchmarks/lora_memory.py                       # writes benchmarks/results-lora/results.{md,json}
     python benchmarks/lora_memory.py --out /tmp/lora --extra=--dtype=bfloat16
 
-Full fine-tuning keeps a second copy of the model as pi_ref (GRPO's KL, DPO's reference log-probs), a gradient and
-two AdamW moments for every weight; with LoRA pi_ref is the policy with its adapters switched off, and only the
-adapters have gradients and moments.
+Full fine-tuning keeps a second copy of the model as pi_ref for GRPO's KL (DPO scores its pairs with the model before
+its first update), a gradient and two AdamW moments for every weight; with LoRA pi_ref is the policy with its adapters
+switched off, and only the adapters have gradients and moments.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ class Args:
     """more flags for every run, e.g. --extra=--dtype=bfloat16"""
 
 
-def state_bytes(lora_rank: int) -> dict:
-    """Bytes of fp32 training state for the default model, counted from its parameters: weights, pi_ref's copy,
-    gradients and AdamW's two moments of what trains."""
+def state_bytes(algorithm: str, lora_rank: int) -> dict:
+    """Bytes of fp32 training state for the default model, counted from its parameters: weights, pi_ref's copy (GRPO's
+    KL, full fine-tuning only; DPO computes its reference log-probs once, before the first update, with the model
+    itself), gradients and AdamW's two moments of what trains."""
     from common import DEFAULT_MODEL, load_model
 
     model, _ = load_model(DEFAULT_MODEL)
@@ -54,7 +55,7 @@ def state_bytes(lora_rank: int) -> dict:
         model = _lora(model, lora_rank)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = sum(p.numel() for p in model.parameters())
-    reference = 0 if lora_rank else total  # LoRA: the adapters switched off
+    reference = total if algorithm == "grpo" and not lora_rank else 0  # LoRA: the adapters switched off
     return {"parameters": total, "trained": trained,
             "state_mib": 4 * (weights + reference + 3 * trained) / 2**20}
 
@@ -84,7 +85,7 @@ def main(args: Args) -> None:
                 print(" ".join(command), flush=True)
                 subprocess.run(command, cwd=ROOT, check=True)
             measured = json.loads(cost.read_text())
-            rows.append({"run": name, "algorithm": algorithm, "lora_rank": rank, **state_bytes(rank),
+            rows.append({"run": name, "algorithm": algorithm, "lora_rank": rank, **state_bytes(algorithm, rank),
                          "peak_mib": measured.get("peak_cuda_mib", measured["peak_rss_mib"]),
                          "device": measured["device"], "wall_s": measured["wall_s"]})
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

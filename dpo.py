@@ -41,7 +41,6 @@ import itertools
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -54,7 +53,7 @@ from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, all_reduce, 
                     clip_grad_norm, completion_logprobs, completion_text, data_fields, decode, describe_run,
                     distribute, encode_completions, encode_pairs, encode_prompts, evaluate, exit_on_error,
                     gather_objects, generate, init_distributed, is_correct, is_main, load_eval_set,
-                    load_optimizer_state, load_policy, load_trainer_state, log_metrics, log_samples, lr_lambda,
+                    load_optimizer_state, load_policy, load_trainer_state, log_metrics, log_samples, lr_lambda, note,
                     open_run, optimizer_state, parse_answer, parse_args, parse_number, prepare_output_dir,
                     prompt_length_check, rank, read_jsonl, read_rows, reference_model, require, resolve_dtype,
                     save_pretrained, set_seed, share, share_padded, world_size, write_atomic)
@@ -369,11 +368,10 @@ def main(args: Args) -> dict:
     task_eval = bool(args.eval_data or not args.data)
     eval_set = load_eval_set(args.eval_data, args.eval_size if task_eval else 0, args.digits, args.ops, too_long,
                              split=args.eval_data_split)  # its own prompt/answer columns (the field flags are --data's)
-    if not task_eval and args.eval_size and is_main():
-        print(f"note: no task accuracy (eval_accuracy): the {unit} of {args.data} have no answers to check, and the "
-              f"built-in task's would measure nothing they train; the held-out accuracy is eval_{acc}_accuracy, "
-              f"on --held-out-pairs of them (pass --eval-data with prompt/answer rows for a task accuracy too)",
-              file=sys.stderr)
+    if not task_eval and args.eval_size:
+        note(f"no task accuracy (eval_accuracy): the {unit} of {args.data} have no answers to check, and the built-in "
+             f"task's would measure nothing they train; the held-out accuracy is eval_{acc}_accuracy, on "
+             f"--held-out-pairs of them (pass --eval-data with prompt/answer rows for a task accuracy too)")
     rng = random.Random(args.seed)
 
     def run_eval() -> float:
@@ -423,10 +421,9 @@ def main(args: Args) -> dict:
                             "correct": is_correct(c, p["answer"])} for p, c in zip(problems[:4], completions[::k])]
                 rows, skipped = (rankings_from_samples(problems, completions, k) if ranked  # the same on every rank
                                  else pairs_from_samples(problems, completions, k, rng))
-                if is_main():
-                    print(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} "
-                          f"prompts had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} "
-                          f"and were skipped")
+                note(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} prompts "
+                     f"had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and were "
+                     f"skipped")
                 if not rows:
                     raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked
                                     else "no prompt gave both a right and a wrong completion: raise --num-samples") +
@@ -450,9 +447,8 @@ def main(args: Args) -> dict:
     log_samples(output_dir, 0, samples, show=True)  # what pi_ref says, once: the rows were built from it
     n_held_out = min(len(rows) - 1, max(1, round(len(rows) * args.held_out_pairs))) if args.held_out_pairs else 0
     held_out, train_rows = rows[:n_held_out], rows[n_held_out:]  # train_rows: never empty (>= 1 row)
-    if is_main():
-        print(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy "
-              f"(--held-out-pairs {args.held_out_pairs})")
+    note(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy (--held-out-pairs "
+         f"{args.held_out_pairs})")
 
     def row_stream(rng=random.Random(args.seed)):
         while True:  # shuffled epochs

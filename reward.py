@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -38,8 +37,8 @@ from transformers import AutoModelForSequenceClassification
 from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, arithmetic_problems, autocast, check_args,
                     check_finite, check_messages, check_world_size, clip_grad_norm, completion_text, data_fields,
                     describe_run, distribute, encode_pairs, eos_token_ids, epochs, eval_problems, exit_on_error,
-                    forward_pass, gather, init_distributed, is_lora, is_main, load_model, load_optimizer_state,
-                    load_trainer_state, log_metrics, lr_lambda, open_run, optimizer_state, parse_args,
+                    forward_pass, gather, hold_out, init_distributed, is_lora, load_model, load_optimizer_state,
+                    load_trainer_state, log_metrics, lr_lambda, note, open_run, optimizer_state, parse_args,
                     prepare_output_dir, prompt_length_check, rank, read_rows, require, resolve_dtype, save_pretrained,
                     set_seed, share, share_padded, with_lora, world_size)
 
@@ -159,10 +158,9 @@ def pad_apart_from_eos(tokenizer, eos_ids: list[int], vocab_size: int) -> None:
     pad = next((i for i in candidates if i is not None and i not in eos_ids and i < vocab_size), None)
     if pad is not None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
-    elif is_main():
-        print("warning: the tokenizer pads with its EOS and has no other special token to pad with, so plain "
-              "transformers will read this reward model's score one token before the EOS that reward.py reads",
-              file=sys.stderr)
+    else:
+        note("the tokenizer pads with its EOS and has no other special token to pad with, so plain transformers will "
+             "read this reward model's score one token before the EOS that reward.py reads")
 
 
 def reward_model_from(lm, tokenizer):
@@ -214,17 +212,12 @@ def pair_data(args, checks=()) -> tuple:
     rows = read_rows(args.data, fields, checks, args.data_split, names)
     if args.eval_size and not args.eval_data:
         if len(rows) < 2:
-            note = f"no held-out pair accuracy: {args.data} has one pair; pass --eval-data to measure one"
+            note(f"no held-out pair accuracy: {args.data} has one pair; pass --eval-data to measure one")
         else:
-            n_eval = min(args.eval_size, max(1, len(rows) // 10))
-            held_out = set(random.Random(1234).sample(range(len(rows)), n_eval))
-            eval_pairs = [rows[i] for i in sorted(held_out)]
-            rows = [row for i, row in enumerate(rows) if i not in held_out]
-            note = (f"eval_pair_accuracy (how often the chosen completion scores above the rejected): {n_eval} of the "
-                    f"{len(rows) + n_eval} pairs of {args.data}, kept out of training (a fixed 10%, at most "
-                    f"--eval-size; pass --eval-data to choose them)")
-        if is_main():
-            print(f"note: {note}", file=sys.stderr)
+            rows, eval_pairs = hold_out(rows, args.eval_size)
+            note(f"eval_pair_accuracy (how often the chosen completion scores above the rejected): {len(eval_pairs)} "
+                 f"of the {len(rows) + len(eval_pairs)} pairs of {args.data}, kept out of training (a fixed 10%, at "
+                 f"most --eval-size; pass --eval-data to choose them)")
     return epochs(rows, args.seed), eval_pairs
 
 

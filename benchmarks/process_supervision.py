@@ -25,8 +25,8 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import (DEFAULT_MODEL, decode, encode_prompts, eval_problems, generate, is_correct,  # noqa: E402
-                    load_model, sum_steps)
+from common import decode, encode_prompts, eval_problems, generate, is_correct, sum_steps  # noqa: E402
+from plumbing import DEFAULT_MODEL, load_model  # noqa: E402
 
 SETTINGS = ["--task", "sum", "--digits", "1", "--batch-size", "4", "--group-size", "8", "--micro-batch-size", "16",
             "--max-new-tokens", "64", "--learning-rate", "1e-5"]

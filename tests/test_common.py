@@ -10,6 +10,7 @@ from helpers import make_model, make_tokenizer
 from transformers import GenerationConfig
 
 import common
+import plumbing
 
 
 # ---- per-token log-probs -------------------------------------------------------------------------------------------
@@ -191,19 +192,19 @@ def write(tmp_path, lines):
 ])
 def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, message):
     with pytest.raises(common.RunError, match=re.escape(message)):
-        common.problem_stream(str(write(tmp_path, lines)), 2, "+", seed=0)
+        plumbing.problem_stream(str(write(tmp_path, lines)), 2, "+", seed=0)
 
 
 def test_jsonl_rows_load_and_stream_reshuffles_every_epoch(tmp_path):
     path = write(tmp_path, [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(5)])
-    stream = common.problem_stream(str(path), 2, "+", seed=0)
+    stream = plumbing.problem_stream(str(path), 2, "+", seed=0)
     epochs = [[next(stream)["answer"] for _ in range(5)] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(5))
 
 
 def test_missing_data_file_fails_before_any_training(tmp_path):
     with pytest.raises(common.RunError, match="nope.jsonl: no such file"):
-        common.problem_stream(str(tmp_path / "nope.jsonl"), 2, "+", seed=0)
+        plumbing.problem_stream(str(tmp_path / "nope.jsonl"), 2, "+", seed=0)
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -213,16 +214,16 @@ def test_missing_data_file_fails_before_any_training(tmp_path):
 ])
 def test_unknown_model_path_is_a_clear_error(name, message):
     with pytest.raises(common.RunError, match=message):
-        common.load_model(name)
+        plumbing.load_model(name)
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(common.RunError, match="no config.json"):
-        common.load_model(str(tmp_path))
+        plumbing.load_model(str(tmp_path))
 
 
 def test_loaded_model_pads_left_and_has_no_dropout(tiny_model_dir):
-    model, tokenizer = common.load_model(tiny_model_dir)
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
@@ -230,9 +231,9 @@ def test_loaded_model_pads_left_and_has_no_dropout(tiny_model_dir):
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
 def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    model, tokenizer = common.load_model(tiny_model_dir)
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
     target = tmp_path / "checkpoint"
-    common.save_pretrained(model, tokenizer, target, {"step": 1})
+    plumbing.save_pretrained(model, tokenizer, target, {"step": 1})
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("power cut")
@@ -240,26 +241,26 @@ def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, tiny_model_d
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        common.save_pretrained(model, tokenizer, target, {"step": 2})
-    assert common.load_trainer_state(common.find_checkpoint(str(tmp_path)))["step"] == 1
-    reloaded, _ = common.load_model(str(target))
+        plumbing.save_pretrained(model, tokenizer, target, {"step": 2})
+    assert plumbing.load_trainer_state(plumbing.find_checkpoint(str(tmp_path)))["step"] == 1
+    reloaded, _ = plumbing.load_model(str(target))
     assert not torch.equal(next(reloaded.parameters()), next(model.parameters()))
 
 
 def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, tiny_model_dir):
-    model, tokenizer = common.load_model(tiny_model_dir)
-    common.save_pretrained(model, tokenizer, tmp_path / "checkpoint", {"step": 7})
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
+    plumbing.save_pretrained(model, tokenizer, tmp_path / "checkpoint", {"step": 7})
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # the state right after the first rename
-    assert common.find_checkpoint(str(tmp_path)) == tmp_path / "checkpoint.old"
+    assert plumbing.find_checkpoint(str(tmp_path)) == tmp_path / "checkpoint.old"
 
 
 def test_resume_restores_the_random_state(tmp_path, tiny_model_dir):
-    model, tokenizer = common.load_model(tiny_model_dir)
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
     torch.manual_seed(5)
     random.seed(5)
-    common.save_pretrained(model, tokenizer, tmp_path / "checkpoint", {"step": 3})
+    plumbing.save_pretrained(model, tokenizer, tmp_path / "checkpoint", {"step": 3})
     expected = torch.rand(3), random.random()
-    common.load_trainer_state(tmp_path / "checkpoint")
+    plumbing.load_trainer_state(tmp_path / "checkpoint")
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
@@ -267,14 +268,14 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     args = type("Args", (), {})()
     args.resume, args.output_dir = str(tmp_path), None
     with pytest.raises(common.RunError, match="no run there"):
-        common.open_run(args, "x")
+        plumbing.open_run(args, "x")
 
 
 # ---- the embedded default model (real SmolLM2 weights; fetched and converted on first use) ------------------------
 
 @pytest.mark.slow
 def test_default_model_loads_and_answers():
-    model, tokenizer = common.load_model(common.DEFAULT_MODEL)
+    model, tokenizer = plumbing.load_model(plumbing.DEFAULT_MODEL)
     assert model.config.model_type == "llama" and not hasattr(model.config, "quantization_config")
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     prompt_ids, prompt_mask = common.encode_prompts(tokenizer, ["Compute 2 + 3. Reply with only the final answer."])

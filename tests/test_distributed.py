@@ -18,6 +18,7 @@ from helpers import logged, pair_files, toy_task
 from safetensors.torch import load_file
 
 import common
+import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["7", "8", "77", "7 7 7", "no", "seven 7", "3"]  # right and wrong, of unequal lengths
@@ -181,12 +182,12 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(tmp_path, tiny_mo
 
 def test_global_batch_sizes_must_split_evenly_over_the_processes(monkeypatch):
     monkeypatch.setattr(common, "world_size", lambda: 4)
-    common.check_world_size(batch_size=8, micro_batch_size=4)
+    plumbing.check_world_size(batch_size=8, micro_batch_size=4)
     with pytest.raises(common.RunError, match=r"--batch-size 6, --micro-batch-size 2: must be a multiple of the 4"):
-        common.check_world_size(batch_size=6, micro_batch_size=2)
+        plumbing.check_world_size(batch_size=6, micro_batch_size=2)
 
 
 def test_fsdp_without_torchrun_is_refused_before_anything_is_written(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(common.RunError, match="torchrun --nproc-per-node"):
-        common.init_distributed("cpu", fsdp=True)
+        plumbing.init_distributed("cpu", fsdp=True)

@@ -13,6 +13,7 @@ import torch
 from helpers import make_model, make_tokenizer
 
 import common
+import plumbing
 import dpo
 
 
@@ -125,14 +126,14 @@ def test_built_in_pairs_are_sampled_saved_and_reused_on_resume(tmp_path, tiny_mo
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
     report = re.search(r"built (\d+) pairs from 16 prompts x 4 samples; (\d+) prompts had no right-and-wrong pair",
                        capsys.readouterr().err)
-    pairs = common.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
+    pairs = plumbing.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
     built, skipped = int(report[1]), int(report[2])
     assert built == len(pairs) > 0 and built + skipped == 16
     assert all("a" in p["chosen"] and "a" not in p["rejected"] for p in pairs)
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args, resume=str(tmp_path / "run"),
                       output_dir=str(tmp_path / "resumed")))
-    a, _ = common.load_model(str(tmp_path / "run" / "final"))
-    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    a, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
+    b, _ = plumbing.load_model(str(tmp_path / "resumed" / "final"))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -187,13 +188,13 @@ def test_a_run_resumed_without_a_checkpoint_starts_over_and_rebuilds_its_pairs(t
     args = dict(max_steps=2, eval_every=0, save_every=1000)
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
     first = (tmp_path / "run" / "pairs.jsonl").read_text()
-    final, _ = common.load_model(str(tmp_path / "run" / "final"))
+    final, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
     shutil.rmtree(tmp_path / "run" / "final")  # as if it had stopped before its first checkpoint
     (tmp_path / "run" / "pairs.jsonl").write_text("")
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args, resume=str(tmp_path / "run")))
     assert (tmp_path / "run" / "pairs.jsonl").read_text() == first
     assert [row["step"] for row in run_rows(tmp_path)] == [1, 2]
-    again, _ = common.load_model(str(tmp_path / "run" / "final"))
+    again, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
     for p, q in zip(final.parameters(), again.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -302,7 +303,7 @@ def test_dpo_learns_toy_rankings(tmp_path, tiny_model_dir):
     log = run_rows(tmp_path)
     assert {k: v for k, v in log[0].items() if k != "time"} == {"step": 0, "eval_rank_accuracy": 0.0,
                                                                 "num_rankings": 60}  # pi = pi_ref: every u is 0, a tie
-    rows = common.read_jsonl(tmp_path / "run" / "rankings.jsonl", ("prompt", "ranked", "ref_ranked"))
+    rows = plumbing.read_jsonl(tmp_path / "run" / "rankings.jsonl", ("prompt", "ranked", "ref_ranked"))
     assert {"prompt": "Say 0.", "ranked": ["7", "9"]} in [{k: r[k] for k in ("prompt", "ranked")} for r in rows]
     start = sum(math.log(math.factorial(len(r["ranked"]))) for r in rows[12:]) / 48  # -log(1/K!) at pi = pi_ref
     assert log[1]["loss"] == pytest.approx(start, abs=1e-4)
@@ -317,7 +318,7 @@ def test_built_in_rankings_are_sampled_ranked_saved_and_reused_on_resume(tmp_pat
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
     report = re.search(r"built (\d+) rankings from 16 prompts x 4 samples; (\d+) prompts had no two answers of "
                        r"different rank", capsys.readouterr().err)
-    rows = common.read_jsonl(tmp_path / "run" / "rankings.jsonl", ("prompt", "ranked", "ref_ranked"))
+    rows = plumbing.read_jsonl(tmp_path / "run" / "rankings.jsonl", ("prompt", "ranked", "ref_ranked"))
     assert int(report[1]) == len(rows) > 0 and int(report[1]) + int(report[2]) == 16
     assert not (tmp_path / "run" / "pairs.jsonl").exists()
     problems = {p["prompt"]: p["answer"] for p in itertools.islice(common.arithmetic_problems("train", 1), 16)}
@@ -328,8 +329,8 @@ def test_built_in_rankings_are_sampled_ranked_saved_and_reused_on_resume(tmp_pat
     dpo.main(toy_args(tmp_path, tiny_model_dir, **args, resume=str(tmp_path / "run" / "checkpoint"),
                       output_dir=str(tmp_path / "resumed")))
     assert (tmp_path / "resumed" / "rankings.jsonl").read_text() == (tmp_path / "run" / "rankings.jsonl").read_text()
-    a, _ = common.load_model(str(tmp_path / "run" / "final"))
-    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    a, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
+    b, _ = plumbing.load_model(str(tmp_path / "resumed" / "final"))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -405,7 +406,7 @@ def test_lora_pairs_are_sampled_and_scored_by_pi_ref_the_model_with_its_adapters
     policies = []
 
     def perturbed_policy(args, checkpoint, device):
-        model, tokenizer = common.load_policy(args, checkpoint, device)
+        model, tokenizer = plumbing.load_policy(args, checkpoint, device)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -413,7 +414,7 @@ def test_lora_pairs_are_sampled_and_scored_by_pi_ref_the_model_with_its_adapters
         policies.append(model)
         return model, tokenizer
 
-    base, tokenizer = common.load_model(lora_model_dir)
+    base, tokenizer = plumbing.load_model(lora_model_dir)
     probe = tokenizer(["Say 5.<|im_end|>"], return_tensors="pt").input_ids
     given = []  # the logits, on the probe, of each model generate() is given, when it is given it
 
@@ -430,7 +431,7 @@ def test_lora_pairs_are_sampled_and_scored_by_pi_ref_the_model_with_its_adapters
         expected = base(input_ids=probe).logits
         assert len(given) == 1 and (given[0] - expected).abs().max() < 1e-5
         assert (policies[0](input_ids=probe).logits - expected).abs().max() > 0.1  # the adapters on: not pi_ref
-        pairs = common.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
+        pairs = plumbing.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
         chosen, rejected = dpo.pair_logprobs(base, common.encode_pairs(tokenizer, pairs, "cpu"), False)
     torch.testing.assert_close(torch.tensor([p["ref_chosen"] for p in pairs]), chosen, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(torch.tensor([p["ref_rejected"] for p in pairs]), rejected, rtol=1e-5, atol=1e-4)
@@ -442,7 +443,7 @@ def test_lora_pairs_are_sampled_and_scored_by_pi_ref_the_model_with_its_adapters
 
 
 def test_a_lora_run_saves_adapters_and_pi_ref_stays_the_starting_model(tmp_path, lora_model_dir):
-    """final/ holds the adapters (peft loads them; common.load_model merges them into the base), final/merged the
+    """final/ holds the adapters (peft loads them; plumbing.load_model merges them into the base), final/merged the
     merged weights (plain transformers); with the adapters off, the trained policy is exactly the starting model."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
@@ -452,7 +453,7 @@ def test_a_lora_run_saves_adapters_and_pi_ref_stays_the_starting_model(tmp_path,
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     adapters = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(final / "merged")).eval()
-    ours, tokenizer = common.load_model(str(final))
+    ours, tokenizer = plumbing.load_model(str(final))
     base = AutoModelForCausalLM.from_pretrained(lora_model_dir).eval()
     ids = tokenizer(["Say 5.<|im_end|>"], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -460,7 +461,7 @@ def test_a_lora_run_saves_adapters_and_pi_ref_stays_the_starting_model(tmp_path,
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
         assert (expected - base(input_ids=ids).logits).abs().max() > 1e-3  # it trained
-        with common.reference_model(adapters, None) as ref:
+        with plumbing.reference_model(adapters, None) as ref:
             torch.testing.assert_close(ref(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
@@ -481,6 +482,6 @@ def test_pairs_from_a_parquet_file_with_their_own_column_names(tmp_path, tiny_mo
                              **names, max_steps=4, eval_every=4))
     assert "note: no task accuracy (eval_accuracy)" in capsys.readouterr().err
     assert "eval_accuracy" not in last and last["eval_pref_accuracy"] == 1.0 and last["margin"] > 0
-    saved = common.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
+    saved = plumbing.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
     assert sorted((r["prompt"], r["chosen"], r["rejected"], r["id"]) for r in saved) == sorted(
         (r["instruction"], r["good"], r["bad"], r["id"]) for r in rows)

@@ -14,6 +14,7 @@ import torch
 from helpers import logged, make_model, make_tokenizer, toy_task
 
 import common
+import plumbing
 import grpo
 
 GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -55,7 +56,7 @@ def test_every_kind_of_source_gives_the_same_rows(tmp_path, kind):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         dataset.save_to_disk(str(path))
-    read = common.read_rows(str(path), ("prompt", "answer"), (common.check_answer_row,),
+    read = plumbing.read_rows(str(path), ("prompt", "answer"), (common.check_answer_row,),
                             names={"prompt": "q", "answer": "a"})
     assert [(r["prompt"], common.parse_answer(r["answer"])) for r in read] == [(r["q"], int(r["a"])) for r in rows]
 
@@ -64,26 +65,26 @@ def test_a_bad_row_is_named_by_its_number_and_nothing_is_skipped(tmp_path):
     rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}, {"prompt": "c", "answer": "three"}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(common.RunError, match=r"d\.parquet: row 3: 'answer' = \"three\" is not one number"):
-        common.read_rows(str(tmp_path / "d.parquet"), ("prompt", "answer"), (common.check_answer_row,))
+        plumbing.read_rows(str(tmp_path / "d.parquet"), ("prompt", "answer"), (common.check_answer_row,))
     datasets.Dataset.from_list([{"prompt": "a", "answer": None}]).to_parquet(str(tmp_path / "e.parquet"))
     with pytest.raises(common.RunError, match=r"row 1: missing field\(s\) answer"):
-        common.read_rows(str(tmp_path / "e.parquet"), ("prompt", "answer"))
+        plumbing.read_rows(str(tmp_path / "e.parquet"), ("prompt", "answer"))
 
 
 def test_a_mapped_column_that_is_absent_names_its_flag(tmp_path):
     datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}]).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(common.RunError, match=r"row 1: missing field\(s\) solution \(--answer-field\) "
                                               r"\(has: prompt, answer\)"):
-        common.read_rows(str(tmp_path / "d.parquet"), ("prompt", "answer"), names={"answer": "solution"})
+        plumbing.read_rows(str(tmp_path / "d.parquet"), ("prompt", "answer"), names={"answer": "solution"})
 
 
 def test_unknown_files_and_splits_are_refused(tmp_path):
     (tmp_path / "d.txt").write_text("hello\n")
     with pytest.raises(common.RunError, match=r"unknown kind of file"):
-        common.read_rows(str(tmp_path / "d.txt"))
+        plumbing.read_rows(str(tmp_path / "d.txt"))
     with pytest.raises(common.RunError, match=r"no split 'validation' \(it has train, test\); choose one with "
                                               r"--data-split"):
-        common.read_rows(gsm8k_dir(tmp_path), ("prompt",), split="validation")
+        plumbing.read_rows(gsm8k_dir(tmp_path), ("prompt",), split="validation")
 
 
 def test_a_hub_id_with_several_configs_reads_main_and_says_so(monkeypatch, capsys):
@@ -98,7 +99,7 @@ def test_a_hub_id_with_several_configs_reads_main_and_says_so(monkeypatch, capsy
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(datasets, "get_dataset_config_names", lambda name: ["main", "socratic"])
-    rows = common.read_rows("openai/gsm8k", ("prompt", "answer"), (common.check_answer_row,), split="test")
+    rows = plumbing.read_rows("openai/gsm8k", ("prompt", "answer"), (common.check_answer_row,), split="test")
     assert calls == [("openai/gsm8k", None, "test"), ("openai/gsm8k", "main", "test")]
     assert rows[0]["prompt"] == GSM8K_ROWS[0]["question"]  # no `prompt` column: GSM8K's `question`
     err = capsys.readouterr().err
@@ -109,21 +110,21 @@ def test_user_data_without_eval_data_holds_out_a_fixed_tenth(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": i}) + "\n" for i in range(50)))
     args = grpo.Args(data=str(path), eval_size=200, seed=3)
-    stream, eval_set = common.task_data(args)
+    stream, eval_set = plumbing.task_data(args)
     train = {next(stream)["prompt"] for _ in range(500)}
     assert len(eval_set) == 5 and len(train) == 45 and not train & {r["prompt"] for r in eval_set}
     assert "held-out accuracy: 5 of the 50 rows" in capsys.readouterr().err
     args.seed, args.eval_size = 4, 3  # --eval-size caps the held-out rows
-    assert len(common.task_data(args)[1]) == 3
+    assert len(plumbing.task_data(args)[1]) == 3
     args.eval_size = 200  # the held-out rows do not depend on the seed
-    assert common.task_data(args)[1] == eval_set
+    assert plumbing.task_data(args)[1] == eval_set
 
 
 def test_rows_without_answers_give_no_held_out_accuracy_and_say_so(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(20)))
     args = grpo.Args(data=str(path), eval_size=200)
-    stream, eval_set = common.task_data(args, fields=("prompt",))
+    stream, eval_set = plumbing.task_data(args, fields=("prompt",))
     assert eval_set == [] and "no held-out accuracy" in capsys.readouterr().err
     assert len({next(stream)["prompt"] for _ in range(100)}) == 20  # and nothing is taken out of training
 
@@ -176,15 +177,15 @@ def test_the_reference_with_adapters_off_is_the_starting_model(tmp_path, lora_mo
     pi_theta does not; the run's first KL is 0 as with a copy of the starting model."""
     last = grpo.main(lora_args(tmp_path, lora_model_dir, max_steps=3, beta=0.04, learning_rate=3e-2))
     assert logged(tmp_path / "run", "kl_k3")[0] == pytest.approx(0, abs=1e-6) and last["kl_k3"] > 0
-    base, tokenizer = common.load_model(lora_model_dir)
-    policy = common.with_lora(common.load_model(lora_model_dir)[0], lora_args(tmp_path, lora_model_dir),
+    base, tokenizer = plumbing.load_model(lora_model_dir)
+    policy = plumbing.with_lora(plumbing.load_model(lora_model_dir)[0], lora_args(tmp_path, lora_model_dir),
                               tmp_path / "run" / "final")
     prompt_ids, prompt_mask = common.encode_prompts(tokenizer, ["Say 3.", "Say 12."])
     completion_ids, completion_mask = common.encode_completions(tokenizer, ["7", "77"])
     batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     with torch.no_grad():
         expected = common.completion_logprobs(base, *batch)[0] * completion_mask
-        with common.reference_model(policy, None) as ref:
+        with plumbing.reference_model(policy, None) as ref:
             torch.testing.assert_close(common.completion_logprobs(ref, *batch)[0] * completion_mask, expected,
                                        rtol=0, atol=1e-6)
         assert (common.completion_logprobs(policy, *batch)[0] * completion_mask - expected).abs().max() > 1e-3
@@ -197,7 +198,7 @@ def test_lora_final_loads_with_peft_and_merged_with_transformers(tmp_path, lora_
     final = tmp_path / "run" / "final"
     adapters = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(final / "merged")).eval()
-    ours, tokenizer = common.load_model(str(final))  # an adapter directory: its base with the adapters merged
+    ours, tokenizer = plumbing.load_model(str(final))  # an adapter directory: its base with the adapters merged
     ids = tokenizer(["Say 5.<|im_end|>"], return_tensors="pt").input_ids
     with torch.no_grad():
         expected = adapters(input_ids=ids).logits
@@ -285,9 +286,9 @@ def test_metrics_have_time_and_the_terminal_shows_time_per_step(tmp_path, tiny_m
 
 def test_a_cpu_user_with_the_defaults_is_told_what_to_run(capsys):
     model = make_model(make_tokenizer())
-    common.describe_run("grpo", grpo.Args(), model, torch.device("cpu"), torch.float32, "16 prompts x 8 completions")
-    assert common.CPU_FIRST_RUN["grpo"][0] in capsys.readouterr().err
-    common.describe_run("grpo", grpo.Args(batch_size=4), model, torch.device("cpu"), torch.float32, "4 x 8")
+    plumbing.describe_run("grpo", grpo.Args(), model, torch.device("cpu"), torch.float32, "16 prompts x 8 completions")
+    assert plumbing.CPU_FIRST_RUN["grpo"][0] in capsys.readouterr().err
+    plumbing.describe_run("grpo", grpo.Args(batch_size=4), model, torch.device("cpu"), torch.float32, "4 x 8")
     assert "sized for a GPU" not in capsys.readouterr().err
 
 
@@ -307,7 +308,7 @@ def test_a_resume_drops_the_samples_logged_after_its_checkpoint(tmp_path, tiny_m
 def test_help_has_the_description_and_each_default_once(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit):
-        common.parse_args(module.Args, module.__doc__, ["--help"])
+        plumbing.parse_args(module.Args, module.__doc__, ["--help"])
     text = capsys.readouterr().out
     assert module.__doc__.splitlines()[0][:40] in text
     # tyro appends "(default: X)" to every help text: a docstring that says "default: ..." itself says it twice

@@ -8,6 +8,7 @@ import torch
 from helpers import logged, make_model, make_tokenizer, toy_task
 
 import common
+import plumbing
 import grpo
 import reward
 
@@ -182,8 +183,8 @@ def test_grpo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     grpo.main(toy_args(tmp_path, tiny_model_dir, **args))
     grpo.main(toy_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"),
                        output_dir=str(tmp_path / "resumed"), **args))
-    a, _ = common.load_model(str(tmp_path / "run" / "final"))
-    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    a, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
+    b, _ = plumbing.load_model(str(tmp_path / "resumed" / "final"))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -247,8 +248,8 @@ def test_the_replay_mix_holds_the_new_pairs_and_the_asked_fraction_of_the_earlie
 
 
 def test_kl_to_the_reference_is_exactly_zero_after_the_reset(tiny_model_dir):
-    policy, tokenizer = common.load_model(tiny_model_dir)
-    ref = common.load_model(tiny_model_dir)[0]
+    policy, tokenizer = plumbing.load_model(tiny_model_dir)
+    ref = plumbing.load_model(tiny_model_dir)[0]
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))  # the policy has moved away from the reference
@@ -287,8 +288,8 @@ def test_iterative_grpo_resets_the_reference_and_trains_the_reward_model(tmp_pat
     assert rm_pairs[:2] == rm_new[:2] == [None, None] and rm_pairs[2] == rm_new[2] > 20  # iteration 0: no history
     assert rm_pairs[5] == rm_new[5] + round(0.1 * rm_new[2])  # iteration 1 replays 10% of iteration 0's pairs
     assert all(math.isfinite(x) for x in (logged(run, "rm_loss")[2], logged(run, "rm_loss")[5]))
-    trained = common.load_model(str(run / "final" / "reward_model"))[0]  # loads as a model; compare the backbones
-    given = common.load_model(reward_model_dir)[0]
+    trained = plumbing.load_model(str(run / "final" / "reward_model"))[0]  # loads as a model; compare the backbones
+    given = plumbing.load_model(reward_model_dir)[0]
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), given.parameters()))
 
 
@@ -301,8 +302,8 @@ def test_iterative_grpo_resumed_mid_iteration_reproduces_the_uninterrupted_run(t
     grpo.main(iterative_args(tmp_path, tiny_model_dir, reward_model_dir, resume=str(tmp_path / "run"),
                              output_dir=str(tmp_path / "resumed"), **kw))
     for sub in ("", "reward_model"):
-        a = common.load_model(str(tmp_path / "run" / "final" / sub))[0]
-        b = common.load_model(str(tmp_path / "resumed" / "final" / sub))[0]
+        a = plumbing.load_model(str(tmp_path / "run" / "final" / sub))[0]
+        b = plumbing.load_model(str(tmp_path / "resumed" / "final" / sub))[0]
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time", "time")
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 import common
+import plumbing
 import grpo
 
 
@@ -197,7 +198,7 @@ def test_process_supervision_resumed_reproduces_the_uninterrupted_run(tmp_path, 
     grpo.main(process_args(tmp_path, step_model_dir, **kw))
     grpo.main(process_args(tmp_path, step_model_dir, resume=str(tmp_path / "run"), output_dir=str(tmp_path / "resumed"),
                            **kw))
-    a, b = (common.load_model(str(tmp_path / run / "final"))[0] for run in ("run", "resumed"))
+    a, b = (plumbing.load_model(str(tmp_path / run / "final"))[0] for run in ("run", "resumed"))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert logged(tmp_path / "run", "step_accuracy") == logged(tmp_path / "resumed", "step_accuracy")
 

@@ -9,6 +9,7 @@ import torch
 from helpers import logged, make_model, make_tokenizer, toy_task
 
 import common
+import plumbing
 import grpo
 import gspo
 
@@ -148,8 +149,8 @@ def test_a_mini_batch_without_loss_tokens_contributes_nothing(tmp_path, tiny_mod
                               micro_batch_size=2))
     assert last["truncated_frac"] == 1.0 and "loss" not in last and "grad_norm" not in last  # no step was taken
     assert all(math.isfinite(v) for v in last.values() if isinstance(v, float))
-    before, _ = common.load_model(tiny_model_dir)
-    after, _ = common.load_model(str(tmp_path / "run" / "final"))
+    before, _ = plumbing.load_model(tiny_model_dir)
+    after, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
     for p, q in zip(before.parameters(), after.parameters()):
         assert torch.isfinite(q).all() and torch.equal(p, q)
 
@@ -183,9 +184,9 @@ def test_gspo_learns_the_toy_task_with_lora_and_saves_adapters_and_the_merged_mo
     ids = torch.tensor([[5, 9, 12, 30, 41]])
     logits = {name: model(input_ids=ids).logits for name, model in [
         ("adapters", AutoPeftModelForCausalLM.from_pretrained(final).eval()),
-        ("load_model", common.load_model(str(final))[0].eval()),
+        ("load_model", plumbing.load_model(str(final))[0].eval()),
         ("merged", AutoModelForCausalLM.from_pretrained(final / "merged").eval()),
-        ("base", common.load_model(lora_model_dir)[0].eval())]}
+        ("base", plumbing.load_model(lora_model_dir)[0].eval())]}
     torch.testing.assert_close(logits["load_model"], logits["adapters"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits["merged"], logits["adapters"], rtol=1e-4, atol=1e-4)
     assert (logits["adapters"] - logits["base"]).abs().max() > 0.1  # the adapters changed the model

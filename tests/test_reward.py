@@ -10,6 +10,7 @@ from helpers import pair_files
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import plumbing
 import reward
 
 
@@ -134,7 +135,7 @@ def test_a_lora_reward_model_saves_adapters_and_a_merged_model_with_the_same_sco
     with torch.no_grad():
         scores = {name: model(**batch).logits.squeeze(-1) for name, model in (("adapters", adapters),
                                                                               ("merged", merged))}
-        fresh = reward.reward_model_from(common.load_model(tiny_model_dir)[0], tokenizer)
+        fresh = reward.reward_model_from(plumbing.load_model(tiny_model_dir)[0], tokenizer)
     torch.testing.assert_close(scores["merged"], scores["adapters"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(scores["merged"], fresh(**batch).logits.squeeze(-1).detach())  # it was trained
 

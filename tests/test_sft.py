@@ -11,6 +11,7 @@ import torch
 from helpers import make_model, make_tokenizer
 
 import common
+import plumbing
 import sft
 
 
@@ -83,14 +84,14 @@ def test_sft_memorises_a_small_data_set(tmp_path, tiny_model_dir):
     assert log[1]["loss"] > 2.0
     assert last["loss"] < 0.1
     assert last["eval_accuracy"] == 1.0
-    reloaded, _ = common.load_model(str(tmp_path / "run" / "final"))  # final/ is a plain HF checkpoint
+    reloaded, _ = plumbing.load_model(str(tmp_path / "run" / "final"))  # final/ is a plain HF checkpoint
     assert reloaded.config.hidden_size == 64
 
 
 def test_logged_learning_rate_is_the_one_each_step_used(tmp_path, tiny_model_dir):
     sft.main(tiny_args(tmp_path, tiny_model_dir, max_steps=6, warmup_steps=2, eval_every=0, learning_rate=1e-3))
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    f = common.lr_lambda(2, 6)
+    f = plumbing.lr_lambda(2, 6)
     assert lrs == pytest.approx([1e-3 * f(step) for step in range(6)])
     assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3 * f(2)])  # warmup, peak, then decay
 
@@ -100,8 +101,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     sft.main(tiny_args(tmp_path, tiny_model_dir, **args))  # leaves checkpoint/ at step 5 and final/ at step 10
     resumed_dir = tmp_path / "resumed"
     sft.main(tiny_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"), output_dir=str(resumed_dir), **args))
-    a, _ = common.load_model(str(tmp_path / "run" / "final"))
-    b, _ = common.load_model(str(resumed_dir / "final"))
+    a, _ = plumbing.load_model(str(tmp_path / "run" / "final"))
+    b, _ = plumbing.load_model(str(resumed_dir / "final"))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
     steps = [json.loads(line)["step"] for line in open(resumed_dir / "metrics.jsonl")]
@@ -240,8 +241,8 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_checkpoint(tmp_p
     checkpoint = run / "checkpoint"
     assert list(saved) == ["checkpoint"]
     assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in checkpoint.iterdir()} == saved["checkpoint"]
-    assert common.read_trainer_state(checkpoint)["step"] == 1
-    model, _ = common.load_model(str(checkpoint))
+    assert plumbing.read_trainer_state(checkpoint)["step"] == 1
+    model, _ = plumbing.load_model(str(checkpoint))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -285,7 +286,7 @@ def test_a_lora_run_saves_adapters_and_a_merged_model_with_the_same_logits(tmp_p
     ids = tokenizer(["Compute 1 + 2.", "Compute 9 + 9."], return_tensors="pt").input_ids
     with torch.no_grad():
         logits = {"adapters": peft.AutoPeftModelForCausalLM.from_pretrained(final).eval()(ids).logits,
-                  "load_model": common.load_model(str(final))[0].eval()(ids).logits,  # merged on loading
+                  "load_model": plumbing.load_model(str(final))[0].eval()(ids).logits,  # merged on loading
                   "merged": AutoModelForCausalLM.from_pretrained(final / "merged").eval()(ids).logits,
                   "base": AutoModelForCausalLM.from_pretrained(lora_model_dir).eval()(ids).logits}
     for name in ("load_model", "merged"):

@@ -16,6 +16,7 @@ import zlib
 import torch
 
 import common
+import plumbing
 
 
 def fixed_generate(texts: list[str], fail_on_rank: int | None):
@@ -57,8 +58,8 @@ def main() -> None:
         module = importlib.import_module(run["script"])
         if run.get("completions") or run.get("fail_on_rank") is not None:
             module.generate = fixed_generate(run.get("completions") or ["7"], run.get("fail_on_rank"))
-        module.all_reduce_gradients = recording(common.all_reduce_gradients, run["args"]["output_dir"])
-        with common.exit_on_error():
+        module.all_reduce_gradients = recording(plumbing.all_reduce_gradients, run["args"]["output_dir"])
+        with plumbing.exit_on_error():
             module.main(module.Args(**run["args"]))
 
 

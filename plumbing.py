@@ -511,16 +511,16 @@ def require(holds: bool, message: str) -> None:
         raise RunError(message)
 
 
-def start_run(args, script: str, check_flags=None, **global_sizes: int):
-    """Everything before the models load, and nothing written: --resume's own flags and checkpoint (open_run), the
-    flags' rules (the script's check_flags(args): check_args with its own flags' ranges, then its conditions); under torchrun the process group, this rank's
-    device, and the global batch sizes (name=value) checked against the world size; seeds (each rank its own: it
-    samples its own completions; the data order is the seed's); the compute dtype. Returns (checkpoint or None,
-    device, dtype)."""
+def start_run(args, script: str, check_flags=None, global_sizes: tuple[str, ...] = ("batch_size", "micro_batch_size")):
+    """Everything before the models load, and nothing written: --resume's own flags and checkpoint (open_run); the
+    flags' rules (the script's check_flags(args): check_args with its own flags' ranges, then its conditions); under
+    torchrun the process group, this rank's device, and the global batch sizes (flag names; None: off) checked
+    against the world size; seeds (each rank its own: it samples its own completions; the data order is the
+    seed's); the compute dtype. Returns (the checkpoint to resume or None, device, dtype)."""
     checkpoint = open_run(args, script)
-    (check_flags or check_args)(args)  # a script's check_flags calls check_args with its own flags' rules
+    (check_flags or check_args)(args)
     device = init_distributed(args.device, args.fsdp)
-    check_world_size(**global_sizes)
+    check_world_size(**{name: getattr(args, name) for name in global_sizes if getattr(args, name) is not None})
     set_seed(args.seed + rank())
     return checkpoint, device, resolve_dtype(args.dtype, device)
 

@@ -100,7 +100,8 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[to
 
 
 def decode(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
+    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(completion_ids, completion_mask)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,7 +361,8 @@ def check_answer_row(row: dict) -> str | None:
     if row.get("answer") is None:
         return "missing field(s) answer"
     if parse_answer(row["answer"]) is None:
-        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05, \"3/4\" or a solution ending in \"#### 42\")")
+        return (f"'answer' = {json.dumps(row['answer'])} is not one number (expected e.g. 42, -3.5, 1e-05, \"3/4\" "
+                f"or a solution ending in \"#### 42\")")
     return None
 
 

@@ -7,12 +7,13 @@ pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) [DPO-OPTIMAL], so a policy define
 
 (Z(x) cancels in a difference). Plugging it into the Bradley-Terry likelihood [BT] of preference pairs (y_w > y_l):
 
-    L = -E[ log sigmoid( beta log(pi_theta(y_w|x)/pi_ref(y_w|x)) - beta log(pi_theta(y_l|x)/pi_ref(y_l|x)) ) ]   [DPO-LOSS]
+    L = -E[log sigmoid( beta log(pi_theta(y_w|x)/pi_ref(y_w|x)) - beta log(pi_theta(y_l|x)/pi_ref(y_l|x)) ) ] [DPO-LOSS]
 
 with log pi(y|x) the SUM of the completion's token log-probs (the paper; --average-logprobs uses their mean, as the
-code snippet of the blog post "强化学习算法-1：GRPO、DPO与PPO解析" does). At the start pi_theta = pi_ref and L = log 2. --label-smoothing eps assumes a fraction eps of
-labels are flipped (conservative DPO). In the unified view [UNIFIED-GRAD] the gradient coefficient is
-beta * sigmoid(r_l - r_w): large where the model still ranks the pair wrongly.
+code snippet of the blog post "强化学习算法-1：GRPO、DPO与PPO解析" does). At the start pi_theta = pi_ref and
+L = log 2. --label-smoothing eps assumes a fraction eps of labels are flipped (conservative DPO). In the unified
+view [UNIFIED-GRAD] the gradient coefficient is beta * sigmoid(r_l - r_w): large where the model still ranks the
+pair wrongly.
 
 K answers ranked best first are a Plackett-Luce ranking: successive choices of the best remaining answer, each a
 softmax over the implicit rewards u_k = r_theta(x, y_k) (Z(x) cancels in each); for K = 2 this is [DPO-LOSS]:
@@ -49,13 +50,12 @@ import torch.nn.functional as F
 
 from common import (NonFiniteError, RunError, all_reduce, arithmetic_problems, autocast, completion_logprobs,
                     completion_text, decode, encode_completions, encode_pairs, encode_prompts, evaluate, gather_objects,
-                    generate, is_correct, is_main, parse_answer, parse_number, rank, share, share_padded, world_size)
-from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
-                      check_finite, check_messages, check_world_size, clip_grad_norm, data_fields, describe_run,
-                      distribute, exit_on_error, init_distributed, load_eval_set, load_optimizer_state, load_policy,
-                      load_trainer_state, log_metrics, log_samples, lr_lambda, note, open_run, optimizer_state,
-                      parse_args, prepare_output_dir, prompt_length_check, read_jsonl, read_rows, reference_model,
-                      require, resolve_dtype, save_pretrained, set_seed, write_atomic)
+                    generate, is_correct, is_main, parse_answer, parse_number, share, share_padded, world_size)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
+                      check_messages, clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error,
+                      load_eval_set, load_policy, log_metrics, log_samples, make_optimizer, note, parse_args,
+                      prepare_output_dir, prompt_length_check, read_jsonl, read_rows, reference_model, require,
+                      resume_state, save_checkpoint, save_pretrained, start_run, write_atomic)
 
 
 @dataclass
@@ -90,6 +90,17 @@ class Args(SamplingArgs):
     """steps between evaluations (also before the first step and after the last); 0 disables"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
+
+
+def check_flags(args: Args) -> None:
+    """DPO's flags: their ranges, and the combinations that mean something."""
+    check_args(args, beta=at_least(0), label_smoothing=between(0, 0.5, hi_open=True), num_prompts=at_least(1),
+               num_samples=at_least(2), held_out_pairs=between(0, 1, hi_open=True))
+    require(args.batch_size % args.micro_batch_size == 0,
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+    require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")
+    require(not (args.ranked and args.data), "--ranked builds rankings from the built-in task; a --data file gives "
+                                             "its own as 'ranked' rows: drop --ranked")
 
 
 # ---- the math -------------------------------------------------------------------------------------------------------
@@ -253,74 +264,134 @@ def ref_table(rows: list[dict], device) -> torch.Tensor:
     return torch.tensor([answers(row, "ref_") + [0.0] * (width - len(answers(row))) for row in rows], device=device)
 
 
-# ---- training ------------------------------------------------------------------------------------------------------
+def preference_logprobs(model, tokenizer, rows: list[dict], ranked: bool, device, args: Args):
+    """(B, K) log pi(y_k|x) of each row's answers, best first; valid (B, K); the tokens processed. Pairs go through
+    encode_pairs (as benchmarks/ checks against TRL), rankings through ranking_logprobs."""
+    if ranked:
+        return ranking_logprobs(model, tokenizer, rows, device, args.max_prompt_length, args.average_logprobs)
+    sequences = encode_pairs(tokenizer, rows, device, args.max_prompt_length)
+    valid = torch.ones(len(rows), 2, dtype=torch.bool, device=device)
+    return (torch.stack(pair_logprobs(model, sequences, args.average_logprobs), 1), valid,
+            int(sequences[1].sum() + sequences[3].sum()))
 
-def main(args: Args) -> dict:
-    # ---- checks: flags, the run to resume, model, data, rows; nothing is written before all of them pass ----------
-    checkpoint = open_run(args, "dpo")  # with --resume: the run's own flags and its latest checkpoint
-    check_args(args, beta=at_least(0), label_smoothing=between(0, 0.5, hi_open=True), num_prompts=at_least(1), num_samples=at_least(2), held_out_pairs=between(0, 1, hi_open=True))
-    require(args.batch_size % args.micro_batch_size == 0,
-            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
-    require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")
-    require(not (args.ranked and args.data), "--ranked builds rankings from the built-in task; a --data file gives "
-                                             "its own as 'ranked' rows: drop --ranked")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
-    set_seed(args.seed + rank())  # each rank samples its own completions (built-in rows); the data order is the seed's
-    micro_batch_size = args.micro_batch_size // world_size()  # this rank's part of each micro-batch
-    dtype = resolve_dtype(args.dtype, device)
-    # pi_theta, trained: every weight, or (--lora-rank) LoRA adapters on --model's frozen weights. pi_ref, the model
-    # before any update, is only needed before training (section 1 below), with the adapters off under LoRA
-    model, tokenizer = load_policy(args, checkpoint, device)
-    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+
+def read_preferences(args: Args, checkpoint, too_long) -> tuple[list[dict] | None, bool]:
+    """--data's rows (None: built from samples, or a resumed run's own), and whether the run trains on rankings
+    (Plackett-Luce) or pairs (DPO): a file with any ranking makes each of its pairs a ranking of two."""
     columns = data_fields(args)  # --prompt-field, --chosen-field, --rejected-field: --data's own column names
     required = ("prompt", *(key for key in ("chosen", "rejected") if key in columns))  # a renamed one must be there
     rows = ([{k: v for k, v in row.items() if v is not None}  # an empty cell is no field (check_preference)
              for row in read_rows(args.data, required, (check_preference, too_long), args.data_split, columns)]
             if args.data and not checkpoint else None)
-    # rankings (Plackett-Luce) or pairs (DPO): a file with any ranking makes each of its pairs a ranking of two
     ranked = ((checkpoint.parent / "rankings.jsonl").is_file() if checkpoint
               else bool(args.ranked) or any("ranked" in row for row in rows or ()))
     require(not (ranked and args.label_smoothing), "--label-smoothing is for pairs [DPO-LOSS]; rankings (--ranked, "
                                                    "or 'ranked' rows in --data) have no smoothed loss: drop it")
     rows = [{k: v for k, v in row.items() if k not in ("chosen", "rejected")} | {"ranked": answers(row)}
             for row in rows] if ranked and rows else rows
+    return rows, ranked
+
+
+def sample_preferences(pi_ref, tokenizer, args: Args, ranked: bool, rng: random.Random, device, dtype):
+    """The default data, built the way DeepSeekMath's unified view describes DPO's: k completions per built-in prompt
+    sampled from pi_ref, a right and a wrong one paired (or all of them ranked, --ranked k). Under torchrun each rank
+    samples its share of the prompts; gathered, every rank builds the same rows. Also returns a few samples."""
+    k = args.ranked or args.num_samples
+    problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed), args.num_prompts))
+    mine, padded = share_padded(problems)
+    prompt_ids, prompt_mask = encode_prompts(
+        tokenizer, [p["prompt"] for p in padded for _ in range(k)], device, args.max_prompt_length)
+    with autocast(device, dtype):
+        ids, mask, _ = generate(pi_ref, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature,
+                                args.top_p, batch_size=args.generation_batch_size)
+    completions = sum(gather_objects(decode(tokenizer, ids, mask)[:len(mine) * k]), [])  # all, in order
+    samples = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"], "correct": is_correct(c, p["answer"])}
+               for p, c in zip(problems[:4], completions[::k])]
+    rows, skipped = (rankings_from_samples(problems, completions, k) if ranked  # the same on every rank
+                     else pairs_from_samples(problems, completions, k, rng))
+    note(f"built {len(rows)} {'rankings' if ranked else 'pairs'} from {args.num_prompts} prompts x {k} samples; "
+         f"{skipped} prompts had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and "
+         f"were skipped")
+    if not rows:
+        raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked
+                        else "no prompt gave both a right and a wrong completion: raise --num-samples") +
+                       ", --num-prompts or --temperature")
+    return rows, samples
+
+
+@torch.no_grad()
+def with_ref_logprobs(pi_ref, tokenizer, rows: list[dict], ranked: bool, micro_batch_size: int, device, dtype,
+                      args: Args) -> list[dict]:
+    """The rows with their answers' log pi_ref(y_k|x): ref_chosen and ref_rejected, or ref_ranked. Under torchrun each
+    rank scores its share of the rows; gathered, every rank holds them all."""
+    unit, (mine, padded) = "rankings" if ranked else "pairs", share_padded(rows)
+    scored = []  # each of this rank's rows: its answers' log pi_ref(y_k|x)
+    for i in range(0, len(padded), micro_batch_size):
+        with autocast(device, dtype):
+            ref, valid, _ = preference_logprobs(pi_ref, tokenizer, padded[i:i + micro_batch_size], ranked, device, args)
+        scored += [r[v].tolist() for r, v in zip(ref, valid)]
+    scored = sum(gather_objects(scored[:len(mine)]), [])  # every row's, in order, on every rank
+    if (bad := next((i for i, v in enumerate(scored) if not all(map(math.isfinite, v))), None)) is not None:
+        raise NonFiniteError(f"the reference model gives a non-finite log-prob to an answer of {unit[:-1]} "
+                             f"{bad + 1} (of {args.data or f'the built-in {unit}'})")
+    return [dict(row, ref_ranked=values) if ranked else dict(row, ref_chosen=values[0], ref_rejected=values[1])
+            for row, values in zip(rows, scored)]
+
+
+def held_out_split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(held-out rows, training rows): the first `fraction` of the shuffled rows, at least one when fraction > 0, and
+    never all of them (the training rows are never empty)."""
+    n_held_out = min(len(rows) - 1, max(1, round(len(rows) * fraction))) if fraction else 0
+    return rows[:n_held_out], rows[n_held_out:]
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, rows: list[dict], ranked: bool, micro_batch_size: int, device, dtype,
+                        args: Args) -> float | None:
+    """How often the implicit reward [DPO-REWARD] puts y_k above y_{k+1} in the held-out rows (None: none held out).
+    Each rank scores its share; the counts are summed over ranks."""
+    mine, padded = share_padded(rows)
+    wins = total = 0
+    for i in range(0, len(padded), micro_batch_size):
+        chunk = padded[i:i + micro_batch_size]
+        with autocast(device, dtype):
+            policy, valid, _ = preference_logprobs(model, tokenizer, chunk, ranked, device, args)
+        real = slice(0, max(len(mine) - i, 0))  # not the padding
+        w, n = adjacent_wins((policy - ref_table(chunk, device))[real], valid[real])  # u of y_k above y_{k+1}
+        wins, total = wins + w, total + n
+    return all_reduce(wins) / all_reduce(total) if rows else None
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+def main(args: Args) -> dict:
+    # ---- checks: flags, the run to resume, model, data, rows; nothing is written before all of them pass ----------
+    checkpoint, device, dtype = start_run(args, "dpo", check_flags)  # --resume's flags; torchrun; seeds; dtype
+    micro_batch_size = args.micro_batch_size // world_size()  # this rank's part of each micro-batch
+    # pi_theta, trained: every weight, or (--lora-rank) LoRA adapters on --model's frozen weights. pi_ref, the model
+    # before any update, is only needed before training (section 1 below), with the adapters off under LoRA
+    model, tokenizer = load_policy(args, checkpoint, device)
+    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
+    rows, ranked = read_preferences(args, checkpoint, too_long)  # --data's rows; None: built in section 1
     names = ("rankings", "best", "worst", "rank") if ranked else ("pairs", "chosen", "rejected", "pref")
     unit, best, worst, acc = names  # the rows file, and the names of the metrics
-    # the greedy task accuracy: on --eval-data, or on the built-in task when the pairs are built from it; --data's
-    # pairs have no answers, and the built-in task's accuracy would measure nothing they train
+    # the greedy task accuracy: on --eval-data (its columns named by --prompt-field, --answer-field), or on the
+    # built-in task when the pairs are built from it; --data's pairs have no answers, and the built-in task's
+    # accuracy would measure nothing they train
     task_eval = bool(args.eval_data or not args.data)
     eval_set = load_eval_set(args.eval_data, args.eval_size if task_eval else 0, args.digits, args.ops, too_long,
-                             split=args.eval_data_split)  # its own prompt/answer columns (the field flags are --data's)
+                             split=args.eval_data_split,
+                             names={k: v for k, v in data_fields(args).items() if k in ("prompt", "answer")})
     if not task_eval and args.eval_size:
         note(f"no task accuracy (eval_accuracy): the {unit} of {args.data} have no answers to check, and the built-in "
              f"task's would measure nothing they train; the held-out accuracy is eval_{acc}_accuracy, on "
              f"--held-out-pairs of them (pass --eval-data with prompt/answer rows for a task accuracy too)")
     rng = random.Random(args.seed)
-
-    def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
-                        args.max_prompt_length)
-
-    def logprobs_of(pi, chunk: list[dict]):  # (B, K) log pi(y_k|x) of each row's answers, best first; valid; tokens
-        if ranked:
-            return ranking_logprobs(pi, tokenizer, chunk, device, args.max_prompt_length, args.average_logprobs)
-        sequences = encode_pairs(tokenizer, chunk, device, args.max_prompt_length)  # (as benchmarks/ checks vs TRL)
-        valid = torch.ones(len(chunk), 2, dtype=torch.bool, device=device)
-        return (torch.stack(pair_logprobs(pi, sequences, args.average_logprobs), 1), valid,
-                int(sequences[1].sum() + sequences[3].sum()))
-
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     model = distribute(model, args.fsdp, dtype)  # replicated, or sharded by FSDP2 (--fsdp), before it samples/scores
-    # the optimiser before any forward pass: under FSDP one without backward leaves the root's parameters gathered,
-    # and model.parameters() would then give those instead of the shards
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    optimizer, scheduler = make_optimizer(model, args)  # before any forward pass (FSDP2 swaps in the shards)
     describe_run("dpo", args, model, device, dtype, f"{args.batch_size} {unit}")
 
     # ---- 1. preference rows and their reference log-probs, once: pi_ref is the model before any update ------------
-    # Under torchrun each rank samples and scores its share of the prompts and rows; gathered, every rank holds them all
     samples = []  # a few of pi_ref's samples (built-in rows), for samples.jsonl and the terminal
     if checkpoint:  # the run's own rows (prepare_output_dir copies them along when resuming into a new directory)
         rows = read_jsonl(checkpoint.parent / f"{unit}.jsonl", ("prompt", "ranked", "ref_ranked") if ranked else
@@ -330,84 +401,32 @@ def main(args: Args) -> dict:
         model.eval()  # no dropout in what pi_ref says or scores
         # pi_ref: the model itself, not yet updated; with LoRA, the model with its adapters off (the starting model)
         with reference_model(model, None if args.lora_rank else model) as pi_ref:
-            if rows is None:  # sample k completions per prompt from pi_ref; pair a right and a wrong one, or rank them
-                k = args.ranked or args.num_samples
-                problems = list(itertools.islice(arithmetic_problems("train", args.digits, args.ops, args.seed),
-                                                 args.num_prompts))
-                mine, padded = share_padded(problems)
-                prompt_ids, prompt_mask = encode_prompts(
-                    tokenizer, [p["prompt"] for p in padded for _ in range(k)], device, args.max_prompt_length)
-                with autocast(device, dtype):
-                    ids, mask, _ = generate(pi_ref, tokenizer, prompt_ids, prompt_mask, args.max_new_tokens,
-                                            args.temperature, args.top_p, batch_size=args.generation_batch_size)
-                completions = sum(gather_objects(decode(tokenizer, ids, mask)[:len(mine) * k]), [])  # all, in order
-                samples = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
-                            "correct": is_correct(c, p["answer"])} for p, c in zip(problems[:4], completions[::k])]
-                rows, skipped = (rankings_from_samples(problems, completions, k) if ranked  # the same on every rank
-                                 else pairs_from_samples(problems, completions, k, rng))
-                note(f"built {len(rows)} {unit} from {args.num_prompts} prompts x {k} samples; {skipped} prompts "
-                     f"had {'no two answers of different rank' if ranked else 'no right-and-wrong pair'} and were "
-                     f"skipped")
-                if not rows:
-                    raise RunError(("no prompt gave two distinct answers of different rank: raise --ranked" if ranked
-                                    else "no prompt gave both a right and a wrong completion: raise --num-samples") +
-                                   ", --num-prompts or --temperature")
-            mine, padded = share_padded(rows)
-            scored = []  # each of this rank's rows: its answers' log pi_ref(y_k|x)
-            for i in range(0, len(padded), micro_batch_size):
-                with torch.no_grad(), autocast(device, dtype):
-                    ref, valid, _ = logprobs_of(pi_ref, padded[i:i + micro_batch_size])
-                scored += [r[v].tolist() for r, v in zip(ref, valid)]
-        scored = sum(gather_objects(scored[:len(mine)]), [])  # every row's, in order, on every rank
-        if (bad := next((i for i, v in enumerate(scored) if not all(map(math.isfinite, v))), None)) is not None:
-            raise NonFiniteError(f"the reference model gives a non-finite log-prob to an answer of {unit[:-1]} "
-                                 f"{bad + 1} (of {args.data or f'the built-in {unit}'})")
-        rows = [dict(row, ref_ranked=values) if ranked else dict(row, ref_chosen=values[0], ref_rejected=values[1])
-                for row, values in zip(rows, scored)]
+            if rows is None:  # the default: sample k completions per prompt from pi_ref; pair or rank them
+                rows, samples = sample_preferences(pi_ref, tokenizer, args, ranked, rng, device, dtype)
+            rows = with_ref_logprobs(pi_ref, tokenizer, rows, ranked, micro_batch_size, device, dtype, args)
         rng.shuffle(rows)
     output_dir = prepare_output_dir(args, checkpoint)
     if not checkpoint and is_main():  # rank 0 writes; every rank already holds the rows
         write_atomic(output_dir / f"{unit}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     log_samples(output_dir, 0, samples, show=True)  # what pi_ref says, once: the rows were built from it
-    n_held_out = min(len(rows) - 1, max(1, round(len(rows) * args.held_out_pairs))) if args.held_out_pairs else 0
-    held_out, train_rows = rows[:n_held_out], rows[n_held_out:]  # train_rows: never empty (>= 1 row)
-    note(f"{len(train_rows)} {unit} to train on, {n_held_out} held out for eval_{acc}_accuracy (--held-out-pairs "
+    held_out, train_rows = held_out_split(rows, args.held_out_pairs)
+    note(f"{len(train_rows)} {unit} to train on, {len(held_out)} held out for eval_{acc}_accuracy (--held-out-pairs "
          f"{args.held_out_pairs})")
-
-    def row_stream(rng=random.Random(args.seed)):
-        while True:  # shuffled epochs
-            yield from rng.sample(train_rows, len(train_rows))
-
-    @torch.no_grad()
-    def held_out_accuracy() -> float | None:
-        mine, padded = share_padded(held_out)  # this rank's share; the counts are summed over ranks
-        wins = total = 0
-        for i in range(0, len(padded), micro_batch_size):
-            chunk = padded[i:i + micro_batch_size]
-            with autocast(device, dtype):
-                policy, valid, _ = logprobs_of(model, chunk)
-            real = slice(0, max(len(mine) - i, 0))  # not the padding
-            w, n = adjacent_wins((policy - ref_table(chunk, device))[real], valid[real])  # u of y_k above y_{k+1}
-            wins, total = wins + w, total + n
-        return all_reduce(wins) / all_reduce(total) if held_out else None
 
     def evaluations() -> dict:
         """The greedy task accuracy (unless --eval-size 0) and the held-out pairs' (rankings') accuracy."""
         model.eval()  # no (LoRA) dropout; the next step sets train() again
-        return {**({"eval_accuracy": run_eval()} if eval_set else {}), f"eval_{acc}_accuracy": held_out_accuracy()}
+        task = {"eval_accuracy": evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size,
+                                          device, dtype, args.max_prompt_length)} if eval_set else {}
+        return {**task, f"eval_{acc}_accuracy": preference_accuracy(model, tokenizer, held_out, ranked,
+                                                                    micro_batch_size, device, dtype, args)}
 
     # ---- 2. resume --------------------------------------------------------------------------------------------------
-    start_step = 0
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-    stream = row_stream()
+    start_step, _ = resume_state(checkpoint, model, optimizer, scheduler)  # (0, {}) when fresh
+    stream = epochs(train_rows, args.seed)  # shuffled epochs, from where the resumed run was in them
     for _ in range(start_step * args.batch_size):
         next(stream)
-
-    progress = Steps(start_step, args.max_steps, "dpo")  # Ctrl-C: finish the step, save a checkpoint, stop
+    progress = Steps(start_step, args.max_steps, "dpo", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if args.eval_every and start_step == 0:
         metrics = {"step": 0, **evaluations(), f"num_{unit}": len(rows)}
@@ -423,7 +442,7 @@ def main(args: Args) -> dict:
         for i in range(0, len(batch), micro_batch_size):
             chunk = batch[i:i + micro_batch_size]
             with autocast(device, dtype):
-                policy, valid, tokens = logprobs_of(model, chunk)
+                policy, valid, tokens = preference_logprobs(model, tokenizer, chunk, ranked, device, args)  # (B, K)
             ref = ref_table(chunk, device)
             losses = (plackett_luce_loss(policy, ref, args.beta, valid) if ranked else
                       dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], args.beta, args.label_smoothing)[0])
@@ -447,20 +466,25 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         # ---- 4. log, evaluate, save ----------------------------------------------------------------------------
-        metrics = {"step": step + 1, **sums, f"{acc}_accuracy": wins / n_adjacent,
-                   "margin": sums[f"reward_{best}"] - sums[f"reward_{worst}"], "grad_norm": grad_norm, "lr": lr,
-                   "train_tokens_per_s": int(n_tokens / (time.time() - t0)), "step_time": time.time() - t0}
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        metrics = metrics_row(step + 1, sums, wins / n_adjacent, grad_norm, lr, n_tokens, time.time() - t0, names)
+        if progress.eval_due(step + 1):
             metrics.update(evaluations())
         progress.write(log_metrics(output_dir, metrics, ("loss", "margin", f"{acc}_accuracy", f"logp_{best}",
                                                          f"logp_{worst}", "eval_accuracy", f"eval_{acc}_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
-                             "scheduler": scheduler.state_dict()})
+        if progress.checkpoint_due(step + 1):  # every --save-every steps but the last, or on Ctrl-C
+            save_checkpoint(step + 1, model, tokenizer, optimizer, scheduler, output_dir)
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, sums: dict, accuracy: float, grad_norm: float, lr: float, n_tokens: int, seconds: float,
+                names: tuple) -> dict:
+    """A step's metrics: the means over the global batch, the adjacent answers' accuracy, the implicit-reward margin."""
+    _, best, worst, acc = names
+    return {"step": step, **sums, f"{acc}_accuracy": accuracy,
+            "margin": sums[f"reward_{best}"] - sums[f"reward_{worst}"], "grad_norm": grad_norm, "lr": lr,
+            "train_tokens_per_s": int(n_tokens / seconds), "step_time": seconds}
 
 
 if __name__ == "__main__":

@@ -38,27 +38,23 @@ Usage: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 1
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
-import random
 import time
-from statistics import fmean
 from dataclasses import dataclass
-from pathlib import Path
+from statistics import fmean
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (RunError, all_reduce, autocast, check_sum_row, completion_logprobs, decode, encode_pairs,
-                    encode_prompts, evaluate, forward_pass, gather, gather_objects, generate, is_correct, masked_mean,
-                    parse_number, rank, share, sum_steps, world_size)
-from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
-                      check_finite, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
-                      init_distributed, load_model, load_optimizer_state, load_policy, load_trainer_state, log_metrics,
-                      log_samples, lr_lambda, open_run, optimizer_state, parse_args, positive, prepare_output_dir,
-                      prompt_length_check, reference_model, require, resolve_dtype, save_pretrained, set_seed,
-                      task_data)
+from common import (all_reduce, autocast, check_sum_row, completion_logprobs, decode, encode_prompts, evaluate,
+                    forward_pass, gather, gather_objects, generate, is_correct, masked_mean, parse_number, rank, share,
+                    sum_steps, world_size)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
+                      clip_grad_norm, describe_run, distribute, exit_on_error, load_model, load_policy,
+                      load_reward_model, log_metrics, log_samples, make_optimizer, parse_args, positive,
+                      prepare_output_dir, prompt_length_check, reference_model, require, resume_state, save_checkpoint,
+                      save_pretrained, start_run, task_data)
 
 
 @dataclass
@@ -89,19 +85,27 @@ class Args(SamplingArgs):
     supervision: Literal["outcome", "process"] = "outcome"
     """outcome: one reward per completion [GRPO-ADV]; process: one per step (a line of the sum task, checked), each
     token credited with the steps that end at or after it [GRPO-PROCESS]"""
-    iteration_steps: int = 0
-    """K of iterative GRPO: every K steps pi_ref <- pi_theta, and a --reward-model trains on the policy's samples
-    labelled by the verifier [GRPO-ITERATIVE]; 0: off (pi_ref stays the starting model, the reward model as given)"""
-    rm_steps: int = 8
-    """iterative GRPO: reward-model optimiser steps per iteration (one pass over its new and replayed pairs)"""
-    rm_learning_rate: float = 1e-5
-    """iterative GRPO: the reward model's learning rate (AdamW, constant)"""
-    replay_fraction: float = 0.1
-    """iterative GRPO: fraction of the earlier iterations' pairs replayed with the new ones (DeepSeekMath: 10%)"""
-
     task: Literal["arithmetic", "sum"] = "arithmetic"
     """built-in task: arithmetic (`Compute 23 + 45.`), or sum (3 or 4 numbers, one partial sum per line: the steps
     that --supervision process checks; give it room, --max-new-tokens 64)"""
+
+
+def check_flags(args: Args) -> None:
+    """GRPO's flags: their ranges, and the combinations that mean something."""
+    check_args(args, group_size=at_least(1), clip_eps_low=between(0, 1, lo_open=True), clip_eps_high=positive,
+               beta=at_least(0), num_iterations=at_least(1), mini_batch_size=at_least(1))
+    G, n_batch = args.group_size, args.batch_size * args.group_size
+    mini_batch_size = args.mini_batch_size or n_batch
+    require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
+    require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
+            f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
+            f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    require(args.supervision in ("outcome", "process"), f"--supervision {args.supervision}: expected outcome/process")
+    require(args.supervision == "outcome" or args.data or args.task == "sum",
+            "--supervision process checks steps: use --task sum, or --data rows with `numbers` (the terms of a sum)")
+    require(args.task == "arithmetic" or args.ops == "+", f"--task sum adds numbers: --ops {args.ops} does not apply")
+    require(args.supervision == "outcome" or not args.reward_model,
+            "--reward-model scores whole completions: it is for --supervision outcome")
 
 
 # ---- the math: one function per equation -----------------------------------------------------------------------------
@@ -158,6 +162,22 @@ def step_end_tokens(tokenizer, ids: list[int], char_ends: list[int]) -> list[int
     return [min(bisect.bisect_left(range(len(ids)), end, key=prefix_length), len(ids) - 1) for end in char_ends]
 
 
+def process_supervision(tokenizer, completions: list[str], numbers: list[list[int]], completion_ids, completion_mask,
+                        group_size: int, scale: str, mine: slice):
+    """[GRPO-PROCESS] for this rank's completions (G per entry of `numbers`): every step checked (sum_steps) and
+    located at its last token, the global batch's step rewards normalised (process_advantages). Returns this rank's
+    advantages (B*G, C), the global step accuracy and the fraction of groups whose step rewards are all equal."""
+    steps = [sum_steps(c, n) for c, n in zip(completions, (n for n in numbers for _ in range(group_size)))]
+    step_rewards = sum(gather_objects([[float(right) for right, _ in s] for s in steps]), [])  # global
+    ends = sum(gather_objects([step_end_tokens(tokenizer, ids[m.bool()].tolist(), [end for _, end in s])
+                               for ids, m, s in zip(completion_ids, completion_mask, steps)]), [])
+    advantages = process_advantages(step_rewards, ends, group_size, gather(completion_mask),
+                                    scale)[mine, :completion_mask.shape[1]]
+    filled = [r or [0.0] for r in step_rewards]  # no step: one step with reward 0, as process_advantages has it
+    zero_std = fmean(len(set(sum(filled[g:g + group_size], []))) == 1 for g in range(0, len(filled), group_size))
+    return advantages, sum(map(sum, filled)) / sum(map(len, filled)), zero_std
+
+
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps_low: float, clip_eps_high: float):
     """Per token -min(r A, clip(r, 1-eps_low, 1+eps_high) A) with r = pi_theta / pi_old; advantages (B, 1), broadcast
     over the tokens, or (B, T) [GRPO-PROCESS]. Returns the loss (B, T) and the ratio (for clip statistics)."""
@@ -195,37 +215,7 @@ def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
     return float(correct) + format_reward * bare_number
 
 
-# ---- a learned reward model instead of the verifier (--reward-model; identical copies in ppo.py) ---------------------
-
-def load_reward_model(name: str, tokenizer, device):
-    """--reward-model: a sequence-classification model with one output (reward.py's final/) whose tokenizer is the
-    policy's, since it scores the policy's token ids. Anything else is refused before the run writes anything: a
-    causal LM would load with a freshly drawn random head and score noise without a word. Draws no random numbers."""
-    flag, path = f"--reward-model {name}", Path(name).expanduser()
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/ (of a LoRA run: its "
-                       f"final/merged, written with --merge-lora)")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            reward_model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, dtype=torch.float32, output_loading_info=True)
-        reward_tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise RunError(f"{flag}: could not load a sequence-classification model and its tokenizer from it "
-                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if untrained := sorted({*info["missing_keys"], *(k[0] if isinstance(k, tuple) else k
-                                                       for k in info["mismatched_keys"])}):
-        raise RunError(f"{flag}: not a trained reward model ({', '.join(untrained)} not in the checkpoint, so they "
-                       f"would be random); pass the final/ of a reward.py run")
-    if reward_model.config.num_labels != 1:
-        raise RunError(f"{flag}: the model has {reward_model.config.num_labels} outputs; a reward model has one")
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise RunError(f"{flag}: its tokenizer is not --model's, so it would read the policy's token ids as other "
-                       f"text; train the reward model from the same base model (reward.py --model)")
-    return reward_model.to(device).eval().requires_grad_(False)
-
+# ---- a learned reward model instead of the verifier (--reward-model; the same function in ppo.py) -------------------
 
 def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """r(x, y): a sequence-classification model's scalar head on the hidden state of the completion's last real
@@ -236,131 +226,35 @@ def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, c
     return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
 
 
-# ---- iterative GRPO: the reward model keeps learning from the policy's samples [GRPO-ITERATIVE] ----------------------
-
-def verifier_pairs(prompts: list, completions: list[str], correct: list[bool], group_size: int) -> list[dict]:
-    """New reward-model data: in each group, its right completions paired with its wrong ones, as the verifier labels
-    them (reward.py's prompt/chosen/rejected rows)."""
-    groups = [list(zip(completions[g:g + group_size], correct[g:g + group_size]))
-              for g in range(0, len(completions), group_size)]
-    return [{"prompt": prompt, "chosen": right, "rejected": wrong} for prompt, group in zip(prompts, groups)
-            for right, wrong in zip([c for c, ok in group if ok], [c for c, ok in group if not ok])]
-
-
-def replay_mix(new_pairs: list, history: list, fraction: float, rng: random.Random) -> tuple[list, list]:
-    """One iteration's reward-model data: the new pairs and a random `fraction` of the earlier ones (DeepSeekMath
-    replays 10% of the historical data), shuffled; and the history, now holding the new pairs too."""
-    mix = new_pairs + rng.sample(history, round(fraction * len(history)))
-    return rng.sample(mix, len(mix)), history + new_pairs
-
-
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """[BT] -log sigmoid(r(x, y+) - r(x, y-)) per pair."""
-    return -F.logsigmoid(chosen_rewards - rejected_rewards)
-
-
-def train_reward_model(reward_model, optimizer, tokenizer, pairs: list[dict], args, device, dtype, step: int) -> dict:
-    """--rm-steps optimiser steps of the Bradley-Terry loss [BT], one pass over the (shuffled) pairs, each step the
-    mean over its part of them, in micro-batches; under torchrun each rank takes every W-th pair of a step's part."""
-    reward_model.train()
-    losses, wins = [], 0
-    for part in (pairs[i::args.rm_steps] for i in range(min(args.rm_steps, len(pairs)))):
-        loss_sum, mine = 0.0, part[rank()::world_size()]
-        for i in range(0, len(mine), args.micro_batch_size):
-            with autocast(device, dtype):
-                sequences = encode_pairs(tokenizer, mine[i:i + args.micro_batch_size], device, args.max_prompt_length)
-                chosen, rejected = reward_model_scores(reward_model, *sequences).chunk(2)
-            loss = bradley_terry_loss(chosen, rejected).sum() / len(part)
-            loss.backward()
-            loss_sum += loss.item()
-            wins += (chosen > rejected).sum().item()
-        all_reduce_gradients(reward_model)
-        grad_norm, loss_sum = clip_grad_norm(reward_model, args.max_grad_norm), all_reduce(loss_sum)
-        check_finite(step, rm_loss=loss_sum, rm_grad_norm=grad_norm)  # before the update, never after
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_sum)
-    reward_model.eval()
-    return {"rm_loss": fmean(losses), "rm_pair_accuracy": all_reduce(wins) / len(pairs), "rm_pairs": len(pairs)} \
-        if pairs else {}
-
-
 # ---- training --------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
-    checkpoint = open_run(args, "grpo")  # with --resume: the run's own flags and its latest checkpoint
+    checkpoint, device, dtype = start_run(args, "grpo", check_flags,
+                                          ("batch_size", "mini_batch_size", "micro_batch_size"))
     G, n_batch = args.group_size, args.batch_size * args.group_size
     mini_batch_size = args.mini_batch_size or n_batch
-    check_args(args, group_size=at_least(1), clip_eps_low=between(0, 1, lo_open=True), clip_eps_high=positive, beta=at_least(0), num_iterations=at_least(1), mini_batch_size=at_least(1), replay_fraction=between(0, 1))
-    require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
-    require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
-            f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
-            f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    require(args.supervision in ("outcome", "process"), f"--supervision {args.supervision}: expected outcome/process")
-    require(args.supervision == "outcome" or args.data or args.task == "sum",
-            "--supervision process checks steps: use --task sum, or --data rows with `numbers` (the terms of a sum)")
-    require(args.task == "arithmetic" or args.ops == "+", f"--task sum adds numbers: --ops {args.ops} does not apply")
-    require(args.supervision == "outcome" or not args.reward_model,
-            "--reward-model scores whole completions: it is for --supervision outcome")
-    require(args.iteration_steps >= 0 and args.rm_steps >= 1 and args.rm_learning_rate > 0,
-            f"--iteration-steps {args.iteration_steps}, --rm-steps {args.rm_steps}, --rm-learning-rate "
-            f"{args.rm_learning_rate}: must be >= 0 (0: off), >= 1 and > 0")
-    require(not args.iteration_steps or args.beta > 0 or args.reward_model, "--iteration-steps resets pi_ref and "
-            "retrains --reward-model: with --beta 0 and no reward model it would do nothing")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=args.batch_size, mini_batch_size=mini_batch_size,
-                     micro_batch_size=args.micro_batch_size)  # global sizes: each rank takes 1/W, whole groups
-    require(not (args.fsdp and args.iteration_steps and args.reward_model), "--fsdp with --iteration-steps and "
-            "--reward-model: the reward model's training is not sharded; leave out --fsdp")
-    require(not (args.lora_rank and args.iteration_steps and args.beta > 0), "--iteration-steps with --lora-rank: "
-            "pi_ref <- pi_theta needs pi_ref as a copy of its own; leave out --lora-rank, or use --beta 0")
-    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
-    dtype = resolve_dtype(args.dtype, device)
-
-    def saved(name: str, default: str) -> str:  # iterative GRPO moves pi_ref and the reward model: the checkpoint's
-        return str(checkpoint / name) if checkpoint and (checkpoint / name).is_dir() else default
-
-    # pi_theta (trained), pi_ref (the frozen starting model, only if beta > 0; with LoRA, pi_theta with its adapters
-    # off), the reward model if one is given
+    # pi_theta (trained); pi_ref, the frozen starting model (if beta > 0; LoRA: pi_theta with its adapters off); the
+    # reward model, if one is given
     model, tokenizer = load_policy(args, checkpoint, device)
-    ref_model = (load_model(saved("ref_model", args.model), device)[0].eval().requires_grad_(False)
+    ref_model = (load_model(args.model, device)[0].eval().requires_grad_(False)
                  if args.beta > 0 and not args.lora_rank else None)
-    reward_model = (load_reward_model(saved("reward_model", args.reward_model), tokenizer, device)
-                    if args.reward_model else None)
+    reward_model = load_reward_model(args.reward_model, tokenizer, device) if args.reward_model else None
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
     checks = (too_long, check_sum_row) if args.supervision == "process" else too_long  # rows: steps checkable
     problems, eval_set = task_data(args, checks, eval_checks=too_long)
-    output_dir = prepare_output_dir(args, checkpoint)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
+    output_dir = prepare_output_dir(args, checkpoint)  # the first write: every check has passed
     model, ref_model, reward_model = (distribute(m, args.fsdp, dtype) if m is not None else None
-                                      for m in (model, ref_model, reward_model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+                                      for m in (model, ref_model, reward_model))  # torchrun: replicated or FSDP2
+    optimizer, scheduler = make_optimizer(model, args)
+    start_step, _ = resume_state(checkpoint, model, optimizer, scheduler)
     describe_run("grpo", args, model, device, dtype, f"{args.batch_size} prompts x {G} completions")
-    train_rm = bool(args.iteration_steps and reward_model is not None)  # [GRPO-ITERATIVE]
-    rm_optimizer = (torch.optim.AdamW(reward_model.requires_grad_(True).parameters(), lr=args.rm_learning_rate,
-                                      weight_decay=0.0) if train_rm else None)
-    start_step, replay, new_pairs = 0, [], []  # the reward model's pairs: earlier iterations', this iteration's
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-        if train_rm:
-            load_optimizer_state(reward_model, rm_optimizer, state["rm_optimizer"])
-            replay, new_pairs = state["replay"], state["new_pairs"]
-    problems = itertools.islice(problems, start_step * args.batch_size, None)
-    # Several optimiser steps per sampled batch move pi_theta away from pi_old: then pi_old needs its own pass.
-    updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)
+    problems = itertools.islice(problems, start_step * args.batch_size, None)  # the stream is the seed's
+    updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)  # > 1: pi_old needs a pass of its own
+    micro_batch_size = args.micro_batch_size // world_size()  # this rank's share of each global size
 
-    def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
-                        args.max_prompt_length)
-
-    progress = Steps(start_step, args.max_steps, "grpo")  # Ctrl-C: finish the step, save a checkpoint, stop
+    run_eval = functools.partial(evaluate, model, tokenizer, eval_set, args.max_new_tokens,  # held-out, greedy
+                                 args.generation_batch_size, device, dtype, args.max_prompt_length)
+    progress = Steps(start_step, args.max_steps, "grpo", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
@@ -379,48 +273,37 @@ def main(args: Args) -> dict:
                 batch_size=args.generation_batch_size)
         completions = decode(tokenizer, completion_ids, completion_mask)
         sequences = (prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B*G, P) and (B*G, C)
+        micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         t_sample = time.time() - t0
 
         # ---- 2. score: the verifier, or a reward model (the verifier still measures accuracy) ----------------------
         answers = [p["answer"] for p in batch for _ in range(G)]
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
-        micro_batch_size = args.micro_batch_size // world_size()
-        all_micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         if reward_model is None:
             rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
         else:
             with torch.no_grad(), autocast(device, dtype):
                 rewards = torch.cat([reward_model_scores(reward_model, *(t[mb] for t in sequences))
-                                     for mb in all_micro_batches]).cpu()
-        if train_rm:  # [GRPO-ITERATIVE]: the verifier labels the policy's samples for the reward model
-            new_pairs += sum(gather_objects(verifier_pairs([p["prompt"] for p in batch], completions,
-                                                           correct.bool().tolist(), G)), [])  # every rank's
+                                     for mb in micro_batches]).cpu()
         rewards, correct = gather(rewards), gather(correct)  # the global batch's: groups, batch std, metrics
 
-        # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
-        advantages = group_advantages(rewards, G, args.scale_rewards)[mine].to(device)[:, None]  # A_i on every token
+        # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD]; per step with process supervision [GRPO-PROCESS]
         loss_mask = completion_mask * ~truncated[:, None] if args.mask_truncated else completion_mask
-        zero_std = zero_std_fraction(rewards, G)
-
-        # ---- 3b. process supervision: a reward per step, an advantage per token [GRPO-PROCESS] --------------------
-        if args.supervision == "process":
-            steps = [sum_steps(c, p["numbers"]) for c, p in zip(completions, (p for p in batch for _ in range(G)))]
-            step_rewards = sum(gather_objects([[float(right) for right, _ in s] for s in steps]), [])  # global
-            ends = sum(gather_objects([step_end_tokens(tokenizer, ids[m.bool()].tolist(), [end for _, end in s])
-                                       for ids, m, s in zip(completion_ids, completion_mask, steps)]), [])
-            advantages = process_advantages(step_rewards, ends, G, gather(completion_mask),
-                                            args.scale_rewards)[mine, :completion_mask.shape[1]]
-            filled = [r or [0.0] for r in step_rewards]  # no step: one step with reward 0, as process_advantages has it
-            step_accuracy = sum(map(sum, filled)) / sum(map(len, filled))
-            zero_std = fmean(len(set(sum(filled[g:g + G], []))) == 1 for g in range(0, len(filled), G))
+        if args.supervision == "outcome":
+            advantages = group_advantages(rewards, G, args.scale_rewards)[mine].to(device)[:, None]  # A_i, all tokens
+            zero_std, step_accuracy = zero_std_fraction(rewards, G), None
+        else:  # a reward per step: each line of the sum checked, and the token that ends it
+            advantages, step_accuracy, zero_std = process_supervision(
+                tokenizer, completions, [p["numbers"] for p in batch], completion_ids, completion_mask, G,
+                args.scale_rewards, mine)
 
         # ---- 4. log-probs under pi_old and pi_ref, once per batch, no grad ----------------------------------------
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
-                                       for mb in all_micro_batches]) if updates_per_batch > 1 else None)
+                                       for mb in micro_batches]) if updates_per_batch > 1 else None)
             with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
                 ref_logprobs = (torch.cat([logprobs_of(ref, sequences, mb, args.temperature)[0]
-                                           for mb in all_micro_batches]) if args.beta > 0 else None)
+                                           for mb in micro_batches]) if args.beta > 0 else None)
 
         # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GRPO-OBJ] ------------------
         t1 = time.time()
@@ -458,55 +341,39 @@ def main(args: Args) -> dict:
         scheduler.step()
         t_train = max(time.time() - t1, 1e-6)  # every mini-batch may have been skipped
 
-        # ---- 6. iterative GRPO: an iteration ends, the reward model trains on, pi_ref <- pi_theta --------------------
-        iteration = {"iteration": step // args.iteration_steps} if args.iteration_steps else {}  # [GRPO-ITERATIVE]
-        if args.iteration_steps and (step + 1) % args.iteration_steps == 0:
-            if train_rm:
-                mix, replay = replay_mix(new_pairs, replay, args.replay_fraction, random.Random(args.seed + step))
-                iteration.update(train_reward_model(reward_model, rm_optimizer, tokenizer, mix, args, device, dtype,
-                                                    step + 1), rm_new_pairs=len(new_pairs))
-                new_pairs = []
-            if ref_model is not None:
-                ref_model.load_state_dict(model.state_dict())  # the KL to pi_ref starts again from 0
-
-        # ---- 7. log, evaluate, save -------------------------------------------------------------------------------
-        lengths, truncated = gather(completion_mask.sum(1).float()), gather(truncated)
-        n_tokens = int(lengths.sum())
-        stats = {k: fmean(v) if k in ("loss", "grad_norm") else all_reduce(fmean(v)) / world_size()
-                 for k, v in stats.items() if v}  # loss, grad_norm: global already; the rest: mean over ranks
-        metrics = {"step": step + 1, **stats,
-                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
-                   "accuracy": correct.mean().item(), "zero_std_frac": zero_std,
-                   "lr": lr, "completion_len": lengths.mean().item(),
-                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
-                   "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens)
-                                             / t_train),
-                   "step_time": time.time() - t0, **iteration}
-        if args.supervision == "process":
-            metrics["step_accuracy"] = step_accuracy
-        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
-        if evaluating:
+        # ---- 6. log, evaluate, save -------------------------------------------------------------------------------
+        metrics = metrics_row(step + 1, stats, rewards, correct, zero_std, step_accuracy, completion_mask, truncated,
+                              prompt_mask, lr, t0, t_sample, t_train, args.num_iterations)
+        if eval_set and progress.eval_due(step + 1):
             metrics["eval_accuracy"] = run_eval()
         log_samples(output_dir, step + 1, [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
-                                            "reward": r} for p, c, r in zip(batch, completions[::G],
-                                                                            rewards[mine][::G].tolist())][:4],
-                    show=bool(evaluating))
+                                            "reward": r} for p, c, r in zip(batch[:4], completions[::G],
+                                                                            rewards[mine][::G].tolist())],
+                    show="eval_accuracy" in metrics)  # a few samples, one per group
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "step_accuracy", "zero_std_frac",
                                                          "kl_k3", "grad_norm", "completion_len", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            state = {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
-                     "scheduler": scheduler.state_dict()}
-            extra = {"ref_model": ref_model} if args.iteration_steps and ref_model is not None else {}
-            if train_rm:
-                state.update(rm_optimizer=optimizer_state(reward_model, rm_optimizer), replay=replay,
-                             new_pairs=new_pairs)
-                extra["reward_model"] = reward_model
-            save_pretrained(model, tokenizer, output_dir / "checkpoint", state, extra)
+        if progress.checkpoint_due(step + 1):  # every --save-every steps, and on Ctrl-C
+            save_checkpoint(step + 1, model, tokenizer, optimizer, scheduler, output_dir)
             progress.stop_if_requested(step + 1, output_dir)
-    save_pretrained(model, tokenizer, output_dir / "final", extra={"reward_model": reward_model} if train_rm else None,
-                    merge_lora=args.merge_lora)
+    save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, stats: dict, rewards, correct, zero_std: float, step_accuracy: float | None,
+                completion_mask, truncated, prompt_mask, lr: float, t0: float, t_sample: float, t_train: float,
+                num_iterations: int) -> dict:
+    """The step's line of metrics.jsonl: losses and statistics of every rank, rewards of the global batch."""
+    lengths, truncated = gather(completion_mask.sum(1).float()), gather(truncated)
+    n_tokens = int(lengths.sum())
+    stats = {k: fmean(v) if k in ("loss", "grad_norm") else all_reduce(fmean(v)) / world_size()
+             for k, v in stats.items() if v}  # loss, grad_norm: global already; the rest: mean over ranks
+    return {"step": step, **stats,
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+            "accuracy": correct.mean().item(), "zero_std_frac": zero_std, "lr": lr,
+            "completion_len": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+            "truncated_frac": truncated.float().mean().item(), "sample_tokens_per_s": int(n_tokens / t_sample),
+            "train_tokens_per_s": int(num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
+            "step_time": time.time() - t0, **({"step_accuracy": step_accuracy} if step_accuracy is not None else {})}
 
 
 def logprobs_of(model, sequences, rows, temperature: float):

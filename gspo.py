@@ -26,22 +26,21 @@ Usage: python gspo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 1
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
-from statistics import fmean
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Literal
 
 import torch
 
 from common import (all_reduce, autocast, completion_logprobs, decode, encode_prompts, evaluate, gather, generate,
                     is_correct, masked_mean, parse_number, rank, share, world_size)
-from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
-                      check_finite, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
-                      init_distributed, load_model, load_optimizer_state, load_policy, load_trainer_state, log_metrics,
-                      log_samples, lr_lambda, open_run, optimizer_state, parse_args, positive, prepare_output_dir,
-                      prompt_length_check, reference_model, require, resolve_dtype, save_pretrained, set_seed,
-                      task_data)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
+                      clip_grad_norm, describe_run, distribute, exit_on_error, load_model, load_policy, log_metrics,
+                      log_samples, make_optimizer, parse_args, positive, prepare_output_dir, prompt_length_check,
+                      reference_model, require, resume_state, save_checkpoint, save_pretrained, start_run, task_data)
 
 
 @dataclass
@@ -66,6 +65,18 @@ class Args(SamplingArgs):
     """leave completions that hit max_new_tokens without EOS out of the loss"""
     format_reward: float = 0.0
     """added to the reward when the completion is nothing but a number"""
+
+
+def check_flags(args: Args) -> None:
+    """GSPO's flags: their ranges, and batch sizes that nest (batch, mini-batch, micro-batch)."""
+    check_args(args, group_size=at_least(1), clip_eps_low=between(0, 1, lo_open=True), clip_eps_high=positive,
+               beta=at_least(0), num_iterations=at_least(1), mini_batch_size=at_least(1))
+    G, n_batch = args.group_size, args.batch_size * args.group_size
+    mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)
+    require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
+    require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
+            f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
+            f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
@@ -142,51 +153,29 @@ def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
-    checkpoint = open_run(args, "gspo")  # with --resume: the run's own flags and its latest checkpoint
+    checkpoint, device, dtype = start_run(args, "gspo", check_flags,
+                                          ("batch_size", "mini_batch_size", "micro_batch_size"))
     G, n_batch = args.group_size, args.batch_size * args.group_size
-    mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)
-    check_args(args, group_size=at_least(1), clip_eps_low=between(0, 1, lo_open=True), clip_eps_high=positive, beta=at_least(0), num_iterations=at_least(1), mini_batch_size=at_least(1))
-    require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
-    require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
-            f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
-            f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=args.batch_size, mini_batch_size=mini_batch_size,
-                     micro_batch_size=args.micro_batch_size)  # global sizes: each rank takes 1/W, whole groups
-    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
-    dtype = resolve_dtype(args.dtype, device)
-
-    # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0; with LoRA, pi_theta with its
-    # adapters off)
+    mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)  # default: 4 updates a batch
+    # pi_theta (trained); pi_ref, the frozen starting model (only if beta > 0; LoRA: pi_theta with its adapters off)
     model, tokenizer = load_policy(args, checkpoint, device)
-    ref_model = (load_model(args.model, device)[0].eval().requires_grad_(False) if args.beta > 0 and not args.lora_rank
-                 else None)
+    ref_model = (load_model(args.model, device)[0].eval().requires_grad_(False)
+                 if args.beta > 0 and not args.lora_rank else None)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
     problems, eval_set = task_data(args, too_long)
-    output_dir = prepare_output_dir(args, checkpoint)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
-    model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None for m in (model, ref_model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    output_dir = prepare_output_dir(args, checkpoint)  # the first write: every check has passed
+    model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None
+                        for m in (model, ref_model))  # torchrun: replicated or FSDP2
+    optimizer, scheduler = make_optimizer(model, args)
     describe_run("gspo", args, model, device, dtype, f"{args.batch_size} prompts x {G} completions")
-    start_step = 0
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-    problems = itertools.islice(problems, start_step * args.batch_size, None)
-    # Several optimiser steps per sampled batch move pi_theta away from pi_old: then pi_old needs its own pass.
-    updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)
+    start_step, _ = resume_state(checkpoint, model, optimizer, scheduler)
+    problems = itertools.islice(problems, start_step * args.batch_size, None)  # the stream is the seed's
+    updates_per_batch = args.num_iterations * (n_batch // mini_batch_size)  # > 1: pi_old needs a pass of its own
+    micro_batch_size = args.micro_batch_size // world_size()  # this rank's share of each global size
 
-    def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
-                        args.max_prompt_length)
-
-    progress = Steps(start_step, args.max_steps, "gspo")  # Ctrl-C: finish the step, save a checkpoint, stop
+    run_eval = functools.partial(evaluate, model, tokenizer, eval_set, args.max_new_tokens,  # held-out, greedy
+                                 args.generation_batch_size, device, dtype, args.max_prompt_length)
+    progress = Steps(start_step, args.max_steps, "gspo", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
@@ -205,29 +194,28 @@ def main(args: Args) -> dict:
                 batch_size=args.generation_batch_size)
         completions = decode(tokenizer, completion_ids, completion_mask)
         sequences = (prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B*G, P) and (B*G, C)
+        micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         t_sample = time.time() - t0
 
-        # ---- 2. score ---------------------------------------------------------------------------------------------
+        # ---- 2. score: the verifier -------------------------------------------------------------------------------
         answers = [p["answer"] for p in batch for _ in range(G)]
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
         rewards = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
         rewards, correct = gather(rewards), gather(correct)  # the global batch's: groups, batch std, metrics
 
         # ---- 3. group-relative advantages [GRPO-ADV], [ZERO-STD] --------------------------------------------------
-        advantages = group_advantages(rewards, G, args.scale_rewards)[mine].to(device)
+        advantages = group_advantages(rewards, G, args.scale_rewards)[mine].to(device)  # one A_i per sequence
         loss_mask = completion_mask * ~truncated[:, None] if args.mask_truncated else completion_mask
 
         # ---- 4. log-probs under pi_old and pi_ref, once per batch, no grad ----------------------------------------
-        micro_batch_size = args.micro_batch_size // world_size()
-        all_micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = (torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
-                                       for mb in all_micro_batches]) if updates_per_batch > 1 else None)
+                                       for mb in micro_batches]) if updates_per_batch > 1 else None)
             with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
                 ref_logprobs = (torch.cat([logprobs_of(ref, sequences, mb, args.temperature)[0]
-                                           for mb in all_micro_batches]) if args.beta > 0 else None)
+                                           for mb in micro_batches]) if args.beta > 0 else None)
 
-        # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GSPO-RATIO] ----------------
+        # ---- 5. optimise -J: num_iterations passes, one optimiser step per mini-batch [GSPO-RATIO] [PPO-CLIP] -----
         t1 = time.time()
         model.train()
         stats = {k: [] for k in ("loss", "kl_k3", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
@@ -264,35 +252,38 @@ def main(args: Args) -> dict:
         t_train = max(time.time() - t1, 1e-6)  # every mini-batch may have been skipped
 
         # ---- 6. log, evaluate, save -------------------------------------------------------------------------------
-        lengths, truncated = gather(completion_mask.sum(1).float()), gather(truncated)
-        n_tokens = int(lengths.sum())
-        stats = {k: fmean(v) if k in ("loss", "grad_norm") else all_reduce(fmean(v)) / world_size()
-                 for k, v in stats.items() if v}  # loss, grad_norm: global already; the rest: mean over ranks
-        metrics = {"step": step + 1, **stats,
-                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
-                   "accuracy": correct.mean().item(), "zero_std_frac": zero_std_fraction(rewards, G),
-                   "lr": lr, "completion_len": lengths.mean().item(),
-                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
-                   "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens)
-                                             / t_train),
-                   "step_time": time.time() - t0}
-        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
-        if evaluating:
+        metrics = metrics_row(step + 1, stats, rewards, correct, zero_std_fraction(rewards, G), None, completion_mask,
+                              truncated, prompt_mask, lr, t0, t_sample, t_train, args.num_iterations)
+        if eval_set and progress.eval_due(step + 1):
             metrics["eval_accuracy"] = run_eval()
         log_samples(output_dir, step + 1, [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
-                                            "reward": r} for p, c, r in zip(batch, completions[::G],
-                                                                            rewards[mine][::G].tolist())][:4],
-                    show=bool(evaluating))
+                                            "reward": r} for p, c, r in zip(batch[:4], completions[::G],
+                                                                            rewards[mine][::G].tolist())],
+                    show="eval_accuracy" in metrics)  # a few samples, one per group
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "zero_std_frac", "kl_k3",
                                                          "grad_norm", "completion_len", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
-                             "scheduler": scheduler.state_dict()})
+        if progress.checkpoint_due(step + 1):  # every --save-every steps, and on Ctrl-C
+            save_checkpoint(step + 1, model, tokenizer, optimizer, scheduler, output_dir)
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, stats: dict, rewards, correct, zero_std: float, step_accuracy: float | None,
+                completion_mask, truncated, prompt_mask, lr: float, t0: float, t_sample: float, t_train: float,
+                num_iterations: int) -> dict:
+    """The step's line of metrics.jsonl: losses and statistics of every rank, rewards of the global batch."""
+    lengths, truncated = gather(completion_mask.sum(1).float()), gather(truncated)
+    n_tokens = int(lengths.sum())
+    stats = {k: fmean(v) if k in ("loss", "grad_norm") else all_reduce(fmean(v)) / world_size()
+             for k, v in stats.items() if v}  # loss, grad_norm: global already; the rest: mean over ranks
+    return {"step": step, **stats,
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+            "accuracy": correct.mean().item(), "zero_std_frac": zero_std, "lr": lr,
+            "completion_len": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+            "truncated_frac": truncated.float().mean().item(), "sample_tokens_per_s": int(n_tokens / t_sample),
+            "train_tokens_per_s": int(num_iterations * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
+            "step_time": time.time() - t0, **({"step_accuracy": step_accuracy} if step_accuracy is not None else {})}
 
 
 def logprobs_of(model, sequences, rows, temperature: float):

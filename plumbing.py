@@ -48,7 +48,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import tyro
 from packaging.requirements import InvalidRequirement, Requirement
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from common import (MAX_DIGITS, Interrupted, NonFiniteError, RunError, all_reduce, check_answer_row, render_prompt,
@@ -534,11 +534,16 @@ def parse_args(Args, description: str | None = None, argv: list[str] | None = No
                    for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
     if resume and (run_dir := _run_dir_of(Path(resume))) is not None:
         default = Args(**_saved_args(run_dir, Args))
-    # --help lists the script's own flags first, then the shared ones (TrainArgs') in their order
+    return tyro.cli(_own_flags_first(Args), args=argv, default=default, description=description)
+
+
+def _own_flags_first(Args):
+    """The script's own flags first, then the shared ones in their order: as --help lists them, and as a refused
+    resume names them."""
     own = [n for n in Args.__dict__.get("__annotations__", {}) if n not in TrainArgs.__dataclass_fields__]
     Args.__dataclass_fields__ = {**{n: Args.__dataclass_fields__[n] for n in own},
                                  **{n: f for n, f in Args.__dataclass_fields__.items() if n not in own}}
-    return tyro.cli(Args, args=argv, default=default, description=description)
+    return Args
 
 
 # ---- device, dtype, seeds, schedule, divergence ----------------------------------------------------------------
@@ -759,8 +764,9 @@ def open_run(args, script: str) -> Path | None:
     if run_dir is None:
         raise RunError(f"--resume {source}: no run there (no args.json in it or its parent)")
     saved, given = _saved_args(run_dir, type(args)), _as_json(args)
-    changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})" for k in saved
-               if k in given and given[k] != saved[k] and k not in RESUMABLE_FLAGS]
+    changed = [f"--{f.name.replace('_', '-')} {given[f.name]} (the run's: {saved[f.name]})"
+               for f in dataclasses.fields(_own_flags_first(type(args))) if f.name in saved and f.name in given
+               and given[f.name] != saved[f.name] and f.name not in RESUMABLE_FLAGS]
     if changed:
         raise RunError(f"--resume {source}: a resumed run keeps its flags, and these differ from its "
                        f"{run_dir / 'args.json'}: {'; '.join(changed)}. Leave them out (they are read from the run), "
@@ -807,7 +813,8 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
         if out.resolve() != run_dir.resolve():
             out.mkdir(parents=True, exist_ok=True)
             for item in run_dir.iterdir():  # data the run made (dpo's pairs.jsonl), and the checkpoint itself
-                if item.is_file() and item.name not in ("args.json", "metrics.jsonl") and not item.name.endswith(".tmp"):
+                if (item.is_file() and item.name not in ("args.json", "metrics.jsonl")
+                        and not item.name.endswith(".tmp")):
                     shutil.copy2(item, out / item.name)
             shutil.copytree(checkpoint, out / "checkpoint")
         for stale in out.glob("*.tmp"):
@@ -843,7 +850,8 @@ def read_metrics(file: Path) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError:
             if lineno >= len(lines) - 1 and not any(rest.strip() for rest in lines[lineno:]):
-                tqdm.write(f"warning: {file}:{lineno}: dropped a torn last line (the run stopped mid-write)", file=sys.stderr)
+                tqdm.write(f"warning: {file}:{lineno}: dropped a torn last line (the run stopped mid-write)",
+                           file=sys.stderr)
             else:
                 raise RunError(f"{file}:{lineno}: not a JSON line; the metrics log is damaged") from None
     return rows
@@ -1100,10 +1108,10 @@ def load_trainer_state(checkpoint: Path) -> dict:
 # ---- the optimiser, and where a resumed run picks up ----------------------------------------------------------
 
 def make_optimizer(model, args, weight_decay: float = 0.0):
-    """(AdamW over the model's trained parameters, its learning-rate schedule: linear warmup, then cosine decay).
-    Build it after `distribute`, before any forward pass (FSDP2 swaps parameters for shards)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=weight_decay)
+    """(AdamW over the model's parameters (frozen ones get no gradient and stay as they are), its learning-rate
+    schedule: linear warmup, then cosine decay). Build it after `distribute`, before any forward pass (FSDP2 swaps
+    parameters for shards)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
 
 
@@ -1269,11 +1277,15 @@ def is_lora(model) -> bool:
 
 def load_policy(args, checkpoint: Path | None, device):
     """(trained model, tokenizer): --model, or the checkpoint to resume; with --lora-rank, --model's frozen weights
-    and the adapters (fresh, or the checkpoint's)."""
+    and the adapters (fresh, or the checkpoint's). --gradient-checkpointing is switched on here."""
     if not getattr(args, "lora_rank", 0):
-        return load_model(str(checkpoint) if checkpoint else args.model, device)
-    model, tokenizer = load_model(args.model, device)
-    return with_lora(model, args, checkpoint), tokenizer
+        model, tokenizer = load_model(str(checkpoint) if checkpoint else args.model, device)
+    else:
+        model, tokenizer = load_model(args.model, device)
+        model = with_lora(model, args, checkpoint)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
 
 
 @contextlib.contextmanager
@@ -1331,13 +1343,44 @@ def load_model(name: str, device: torch.device | str = "cpu"):
     return model.to(device), tokenizer
 
 
+def load_reward_model(name: str, tokenizer, device):
+    """--reward-model: a sequence-classification model with one output (reward.py's final/) whose tokenizer is the
+    policy's, since it scores the policy's token ids. Anything else is refused before the run writes anything: a
+    causal LM would load with a freshly drawn random head and score noise without a word. Draws no random numbers."""
+    flag, path = f"--reward-model {name}", Path(name).expanduser()
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/ (of a LoRA run: its "
+                       f"final/merged, written with --merge-lora)")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            reward_model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=torch.float32, output_loading_info=True)
+        reward_tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{flag}: could not load a sequence-classification model and its tokenizer from it "
+                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if untrained := sorted({*info["missing_keys"], *(k[0] if isinstance(k, tuple) else k
+                                                       for k in info["mismatched_keys"])}):
+        raise RunError(f"{flag}: not a trained reward model ({', '.join(untrained)} not in the checkpoint, so they "
+                       f"would be random); pass the final/ of a reward.py run")
+    if reward_model.config.num_labels != 1:
+        raise RunError(f"{flag}: the model has {reward_model.config.num_labels} outputs; a reward model has one")
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RunError(f"{flag}: its tokenizer is not --model's, so it would read the policy's token ids as other "
+                       f"text; train the reward model from the same base model (reward.py --model)")
+    return reward_model.to(device).eval().requires_grad_(False)
+
+
 def _merged_adapter(path: Path, device):
     """A LoRA run's final/ (or checkpoint/) as a plain model: its base model (adapter_config.json's
     base_model_name_or_path) with the adapters merged into the weights."""
     try:
         from peft import PeftConfig, PeftModel
     except ImportError:
-        raise RunError(f"--model {path}: LoRA adapters; loading them needs the peft library: pip install peft") from None
+        raise RunError(f"--model {path}: LoRA adapters; loading them needs the peft library: "
+                       f"pip install peft") from None
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     model, tokenizer = load_model(base, device)
     with _peft_quiet():

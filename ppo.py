@@ -28,23 +28,21 @@ Usage: python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import fmean
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (RunError, all_reduce, autocast, completion_logprobs, decode, encode_prompts, evaluate, forward_pass,
-                    gather, generate, is_correct, masked_mean, parse_number, rank, share, world_size)
-from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
-                      check_finite, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
-                      full_state_dict, init_distributed, load_model, load_optimizer_state, load_policy,
-                      load_trainer_state, log_metrics, log_samples, lr_lambda, open_run, optimizer_state, parse_args,
-                      positive, prepare_output_dir, prompt_length_check, reference_model, require, resolve_dtype,
-                      save_pretrained, set_seed, task_data)
+from common import (all_reduce, autocast, completion_logprobs, decode, encode_prompts, evaluate, forward_pass, gather,
+                    generate, is_correct, masked_mean, parse_number, share, world_size)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
+                      clip_grad_norm, describe_run, distribute, exit_on_error, full_state_dict, load_model, load_policy,
+                      load_reward_model, log_metrics, log_samples, make_optimizer, optimizer_state, parse_args,
+                      positive, prepare_output_dir, prompt_length_check, read_trainer_state, reference_model, require,
+                      resume_state, save_pretrained, start_run, task_data)
 
 
 @dataclass
@@ -86,6 +84,20 @@ class Args(SamplingArgs):
 
     batch_size: int = 64
     """prompts per rollout, one completion each"""
+
+
+def check_flags(args: Args) -> None:
+    """PPO's flags: their ranges, and the combinations it refuses."""
+    check_args(args, ppo_epochs=at_least(1), mini_batch_size=at_least(1), clip_eps=positive, clip_value=positive,
+               vf_coef=at_least(0), entropy_coef=at_least(0), beta=at_least(0), target_kl=positive,
+               kl_horizon=at_least(1), early_stop_kl=positive, gamma=between(0, 1), lam=between(0, 1))
+    require(args.batch_size % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,
+            f"--batch-size ({args.batch_size}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), "
+            f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    require(not (args.fsdp and args.shared_backbone), "--fsdp with --shared-backbone: the critic would call the "
+            "actor's backbone outside the actor's FSDP root; leave out one of them")
+    require(not (args.lora_rank and args.shared_backbone), "--shared-backbone with --lora-rank: the critic would "
+            "read the actor's frozen backbone and could learn only through the actor's adapters; leave out one of them")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
@@ -181,36 +193,6 @@ class Critic(torch.nn.Module):
         return self.head(hidden[:, prompt_ids.shape[1] - 1:-1]).squeeze(-1).float()  # (B, C)
 
 
-def load_reward_model(name: str, tokenizer, device):
-    """--reward-model: a sequence-classification model with one output (reward.py's final/) whose tokenizer is the
-    policy's, since it scores the policy's token ids. Anything else is refused before the run writes anything: a
-    causal LM would load with a freshly drawn random head and score noise without a word. Draws no random numbers."""
-    flag, path = f"--reward-model {name}", Path(name).expanduser()
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise RunError(f"{flag}: no such directory (and not a Hugging Face id, 'org/name')")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise RunError(f"{flag}: the directory has no config.json; expected reward.py's final/ (of a LoRA run: its "
-                       f"final/merged, written with --merge-lora)")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            reward_model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, dtype=torch.float32, output_loading_info=True)
-        reward_tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise RunError(f"{flag}: could not load a sequence-classification model and its tokenizer from it "
-                       f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if untrained := sorted({*info["missing_keys"], *(k[0] if isinstance(k, tuple) else k
-                                                       for k in info["mismatched_keys"])}):
-        raise RunError(f"{flag}: not a trained reward model ({', '.join(untrained)} not in the checkpoint, so they "
-                       f"would be random); pass the final/ of a reward.py run")
-    if reward_model.config.num_labels != 1:
-        raise RunError(f"{flag}: the model has {reward_model.config.num_labels} outputs; a reward model has one")
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise RunError(f"{flag}: its tokenizer is not --model's, so it would read the policy's token ids as other "
-                       f"text; train the reward model from the same base model (reward.py --model)")
-    return reward_model.to(device).eval().requires_grad_(False)
-
-
 def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """r(x, y): a sequence-classification model's scalar head on the hidden state of the completion's last real
     token (its EOS, found from the mask, not from pad ids), (B,)."""
@@ -223,58 +205,33 @@ def reward_model_scores(reward_model, prompt_ids, prompt_mask, completion_ids, c
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
-    checkpoint = open_run(args, "ppo")  # with --resume: the run's own flags and its latest checkpoint
-    n_batch = args.batch_size
-    check_args(args, ppo_epochs=at_least(1), mini_batch_size=at_least(1), clip_eps=positive, clip_value=positive, vf_coef=at_least(0), entropy_coef=at_least(0), beta=at_least(0), target_kl=positive, kl_horizon=at_least(1), early_stop_kl=positive, gamma=between(0, 1), lam=between(0, 1))
-    require(n_batch % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,
-            f"--batch-size ({n_batch}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), which must "
-            f"be a multiple of --micro-batch-size ({args.micro_batch_size})")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=n_batch, mini_batch_size=args.mini_batch_size, micro_batch_size=args.micro_batch_size)
-    require(not (args.fsdp and args.shared_backbone), "--fsdp with --shared-backbone: the critic would call the "
-            "actor's backbone outside the actor's FSDP root; leave out one of them")
-    require(not (args.lora_rank and args.shared_backbone), "--shared-backbone with --lora-rank: the critic would "
-            "read the actor's frozen backbone and could learn only through the actor's adapters; leave out one of them")
-    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
-    dtype = resolve_dtype(args.dtype, device)
-
-    # actor pi_theta, critic V_phi, frozen pi_ref (with LoRA: the actor with its adapters off), and the reward model
-    # if one is given
+    checkpoint, device, dtype = start_run(args, "ppo", check_flags,
+                                          ("batch_size", "mini_batch_size", "micro_batch_size"))
+    # actor pi_theta, critic V_phi, frozen pi_ref (LoRA: the actor with its adapters off), reward model if one is given
     model, tokenizer = load_policy(args, checkpoint, device)
     ref_model = load_model(args.model, device)[0].eval().requires_grad_(False) if not args.lora_rank else None
     backbone = model.base_model if args.shared_backbone else load_model(args.model, device)[0].base_model
     critic = Critic(backbone, model.config.hidden_size).to(device)
     reward_model = load_reward_model(args.reward_model, tokenizer, device) if args.reward_model else None
-    too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
-    problems, eval_set = task_data(args, too_long)
-    output_dir = prepare_output_dir(args, checkpoint)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if not args.shared_backbone:
-            backbone.gradient_checkpointing_enable()
-    state = load_trainer_state(checkpoint) if checkpoint else None
-    if state:
-        critic.load_state_dict(state["critic"])  # a whole state dict: before the critic is sharded
-    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
+    problems, eval_set = task_data(args, prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts))
+    output_dir = prepare_output_dir(args, checkpoint)  # the first write: every check has passed
+    if args.gradient_checkpointing:  # the actor's, and the critic's own backbone (a shared one is the actor's)
+        for m in (model,) if args.shared_backbone else (model, backbone):
+            m.gradient_checkpointing_enable()
+    if checkpoint:
+        critic.load_state_dict(read_trainer_state(checkpoint)["critic"])  # a whole state dict: before it is sharded
     model, critic, ref_model, reward_model = (distribute(m, args.fsdp, dtype) if m is not None else None
-                                              for m in (model, critic, ref_model, reward_model))
+                                              for m in (model, critic, ref_model, reward_model))  # replicated or FSDP2
     trained = torch.nn.ModuleList([model, critic])  # what the optimiser updates; .parameters(): a shared one once
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
-    describe_run("ppo", args, trained, device, dtype, f"{n_batch} prompts x 1 completion")  # the critic counts too
-    start_step, beta = 0, args.beta
-    if state:
-        load_optimizer_state(trained, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, beta = state["step"], state["beta"]
-    problems = itertools.islice(problems, start_step * args.batch_size, None)
+    optimizer, scheduler = make_optimizer(trained, args)  # one AdamW, one schedule for the actor and the critic
+    start_step, state = resume_state(checkpoint, trained, optimizer, scheduler)
+    beta = state.get("beta", args.beta)  # --target-kl adapts it: a resumed run goes on with its checkpoint's
+    describe_run("ppo", args, trained, device, dtype, f"{args.batch_size} prompts x 1 completion")  # with the critic
+    problems = itertools.islice(problems, start_step * args.batch_size, None)  # the stream is the seed's
 
-    def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
-                        args.max_prompt_length)
-
-    progress = Steps(start_step, args.max_steps, "ppo")  # Ctrl-C: finish the step, save a checkpoint, stop
+    run_eval = functools.partial(evaluate, model, tokenizer, eval_set, args.max_new_tokens,  # held-out, greedy
+                                 args.generation_batch_size, device, dtype, args.max_prompt_length)
+    progress = Steps(start_step, args.max_steps, "ppo", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
@@ -282,7 +239,7 @@ def main(args: Args) -> dict:
     for step in progress:
         # ---- 1. rollout: sample from pi_old ------------------------------------------------------------------------
         t0 = time.time()
-        batch = share([next(problems) for _ in range(n_batch)])  # this rank's prompts
+        batch = share([next(problems) for _ in range(args.batch_size)])  # this rank's prompts
         n_local = len(batch)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch], device,
                                                  args.max_prompt_length)
@@ -295,8 +252,7 @@ def main(args: Args) -> dict:
         t_sample = time.time() - t0
 
         # ---- 2. score, and log pi_old, log pi_ref, V_old without grad -------------------------------------------
-        micro_batch_size = args.micro_batch_size // world_size()
-        micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
+        micro_batches = torch.arange(n_local, device=device).split(args.micro_batch_size // world_size())
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0] for mb in micro_batches])
             with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
@@ -307,9 +263,8 @@ def main(args: Args) -> dict:
                                     for mb in micro_batches])
         correct = torch.tensor([is_correct(c, p["answer"]) for c, p in zip(completions, batch)], dtype=torch.float)
         if reward_model is None:
-            scores = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)],
-                                  device=device)
-        scores = scores - args.missing_eos_penalty * truncated
+            scores = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)])
+        scores = scores.to(device) - args.missing_eos_penalty * truncated
 
         # ---- 3. per-token rewards [RLHF-KL-REWARD], advantages [TD-ERROR] [GAE], value targets [RETURNS] ----------
         kl = (old_logprobs - ref_logprobs) * mask  # log pi_old - log pi_ref on each sampled token
@@ -319,88 +274,85 @@ def main(args: Args) -> dict:
 
         # ---- 4. ppo_epochs passes, one optimiser step per mini-batch [PPO-TOTAL] ----------------------------------
         t1 = time.time()
-        model.train()
-        critic.train()
+        trained.train()
         stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy",
                                  "approx_kl", "grad_norm")}
-        kl_budget_spent = False  # --early-stop-kl: pi_theta has moved far enough from pi_old for this rollout
-        for _ in range(args.ppo_epochs):
-            for mini in torch.randperm(n_local, device=device).split(args.mini_batch_size // world_size()):
-                n_tok = max(all_reduce(mask[mini].sum()), 1)  # the mini-batch's tokens, over all ranks
-                mini_stats = {k: 0.0 for k in ("loss", "policy_loss", "value_loss", "approx_kl")}
-                for mb in mini.split(micro_batch_size):
-                    m = mask[mb]
-                    with autocast(device, dtype):
-                        logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
-                        values = critic(*(t[mb] for t in sequences))
-                    pg, ratio = policy_loss(logprobs, old_logprobs[mb], advantages[mb], args.clip_eps)  # [PPO-CLIP]
-                    vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)  # [PPO-VALUE]
-                    # [PPO-TOTAL] -L_clip + c1 L_V - c2 S, with the entropy S of pi_theta at each state [PPO-ENTROPY]
-                    per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy
-                    loss = (per_token * m).sum() / n_tok  # token mean over the mini-batch: this rank's share
-                    loss.backward()
-                    log_ratio = (logprobs - old_logprobs[mb]).detach()
-                    for key, value in (("loss", per_token), ("policy_loss", pg), ("value_loss", vl),
-                                       ("approx_kl", torch.expm1(log_ratio) - log_ratio)):  # k3 of pi_old||pi
-                        mini_stats[key] += ((value.detach() * m).sum() / n_tok).item()
-                    stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, m).item())
-                    stats["value_clip_frac"].append(masked_mean(value_clipped, m).item())
-                    stats["entropy"].append(masked_mean(entropy.detach(), m).item())
-                # the mini-batch's gradient: the sum of the ranks'; a shared backbone is the actor's, reduced once
-                all_reduce_gradients(model)
-                all_reduce_gradients(critic.head if args.shared_backbone else critic)
-                grad_norm = clip_grad_norm(trained, args.max_grad_norm)  # one norm over the actor and the critic
-                mini_stats = {k: all_reduce(v) for k, v in mini_stats.items()}  # global: all ranks stop together
-                check_finite(step + 1, loss=mini_stats["loss"], grad_norm=grad_norm)  # before the update, never after
-                stats["grad_norm"].append(grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for key, value in mini_stats.items():
-                    stats[key].append(value)
-                if args.early_stop_kl is not None and mini_stats["approx_kl"] > args.early_stop_kl:
-                    kl_budget_spent = True
-                    break
-            if kl_budget_spent:
-                break
+        mini_batches = (mini for _ in range(args.ppo_epochs)  # each pass: a fresh shuffle of this rank's rows
+                        for mini in torch.randperm(n_local, device=device).split(args.mini_batch_size // world_size()))
+        for mini in mini_batches:
+            n_tok = max(all_reduce(mask[mini].sum()), 1)  # the mini-batch's tokens, over all ranks
+            mini_stats = {k: 0.0 for k in ("loss", "policy_loss", "value_loss", "approx_kl")}
+            for mb in mini.split(args.micro_batch_size // world_size()):  # this rank's share
+                with autocast(device, dtype):
+                    logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
+                    values = critic(*(t[mb] for t in sequences))
+                pg, ratio = policy_loss(logprobs, old_logprobs[mb], advantages[mb], args.clip_eps)  # [PPO-CLIP]
+                vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)  # [PPO-VALUE]
+                # [PPO-TOTAL] -L_clip + c1 L_V - c2 S, with the entropy S of pi_theta at each state [PPO-ENTROPY]
+                per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy
+                loss = (per_token * mask[mb]).sum() / n_tok  # token mean over the mini-batch: this rank's share
+                loss.backward()
+                log_ratio = (logprobs - old_logprobs[mb]).detach()
+                for key, value in (("loss", per_token), ("policy_loss", pg), ("value_loss", vl),
+                                   ("approx_kl", torch.expm1(log_ratio) - log_ratio)):  # k3 of pi_old||pi
+                    mini_stats[key] += ((value.detach() * mask[mb]).sum() / n_tok).item()
+                stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, mask[mb]).item())
+                stats["value_clip_frac"].append(masked_mean(value_clipped, mask[mb]).item())
+                stats["entropy"].append(masked_mean(entropy.detach(), mask[mb]).item())
+            all_reduce_gradients(model)  # the mini-batch's gradient: the sum of the ranks'
+            all_reduce_gradients(critic.head if args.shared_backbone else critic)  # shared backbone: the actor's
+            grad_norm = clip_grad_norm(trained, args.max_grad_norm)  # one norm over the actor and the critic
+            mini_stats = {k: all_reduce(v) for k, v in mini_stats.items()}  # global: all ranks stop together
+            check_finite(step + 1, loss=mini_stats["loss"], grad_norm=grad_norm)  # before the update, never after
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in {**mini_stats, "grad_norm": grad_norm}.items():
+                stats[key].append(value)
+            if args.early_stop_kl is not None and mini_stats["approx_kl"] > args.early_stop_kl:
+                break  # --early-stop-kl: pi_theta has moved far enough from pi_old for this rollout
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         t_train = time.time() - t1
         kl_per_completion = gather(kl.sum(1)).mean().item()  # global: beta stays the same on every rank
-        if args.target_kl is not None:
-            beta = adaptive_beta(beta, kl_per_completion, args.target_kl, args.kl_horizon, n_batch)  # [KL-ADAPTIVE]
+        if args.target_kl is not None:  # [KL-ADAPTIVE]
+            beta = adaptive_beta(beta, kl_per_completion, args.target_kl, args.kl_horizon, args.batch_size)
 
         # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
         samples = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"], "reward": s}
                    for p, c, s in zip(batch[:4], completions, scores.tolist())]  # this rank's, before the gather
-        lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's
-        scores, correct = gather(scores), gather(correct)
-        n_tokens = int(lengths.sum())
-        stats = {k: all_reduce(fmean(v)) / world_size() if k in ("clip_frac", "value_clip_frac", "entropy")
-                 else fmean(v) for k, v in stats.items() if v}  # micro-batch means: the mean over ranks
-        metrics = {"step": step + 1, **stats,
-                   "reward_mean": scores.mean().item(), "reward_std": scores.std(correction=0).item(),
-                   "accuracy": correct.mean().item(), "kl_k1": masked_mean(*map(gather, (kl, mask))).item(),
-                   "kl_per_completion": kl_per_completion, "beta": beta,
-                   "explained_variance": explained_variance(*map(gather, (old_values, returns, mask))),
-                   "lr": lr, "completion_len": lengths.mean().item(),
-                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
-                   "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int(args.ppo_epochs * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
-                   "step_time": time.time() - t0}
-        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
-        if evaluating:
+        metrics = metrics_row(step + 1, stats, scores, correct, kl, mask, old_values, returns, truncated, prompt_mask,
+                              kl_per_completion, beta, lr, t0, t_sample, t_train, args.ppo_epochs)
+        if eval_set and progress.eval_due(step + 1):
             metrics["eval_accuracy"] = run_eval()
-        log_samples(output_dir, step + 1, samples, show=bool(evaluating))
+        log_samples(output_dir, step + 1, samples, show="eval_accuracy" in metrics)
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl_k1", "value_loss",
                                                          "explained_variance", "completion_len", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
+        if progress.checkpoint_due(step + 1):  # every --save-every steps, and on Ctrl-C; with the critic and beta
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer_state(trained, optimizer),
-                             "scheduler": scheduler.state_dict(), "beta": beta,
-                             "critic": full_state_dict(critic)})
+                             "scheduler": scheduler.state_dict(), "beta": beta, "critic": full_state_dict(critic)})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, stats: dict, scores, correct, kl, mask, old_values, returns, truncated, prompt_mask,
+                kl_per_completion: float, beta: float, lr: float, t0: float, t_sample: float, t_train: float,
+                ppo_epochs: int) -> dict:
+    """The step's line of metrics.jsonl: losses and statistics of every rank, rewards of the global batch."""
+    lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's
+    scores, correct = gather(scores), gather(correct)
+    n_tokens = int(lengths.sum())
+    stats = {k: all_reduce(fmean(v)) / world_size() if k in ("clip_frac", "value_clip_frac", "entropy")
+             else fmean(v) for k, v in stats.items() if v}  # micro-batch means: the mean over ranks
+    return {"step": step, **stats, "reward_mean": scores.mean().item(), "reward_std": scores.std(correction=0).item(),
+            "accuracy": correct.mean().item(), "kl_k1": masked_mean(*map(gather, (kl, mask))).item(),
+            "kl_per_completion": kl_per_completion, "beta": beta,
+            "explained_variance": explained_variance(*map(gather, (old_values, returns, mask))), "lr": lr,
+            "completion_len": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+            "truncated_frac": truncated.float().mean().item(), "sample_tokens_per_s": int(n_tokens / t_sample),
+            "train_tokens_per_s": int(ppo_epochs * (all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
+            "step_time": time.time() - t0}
 
 
 def logprobs_of(model, sequences, rows, temperature: float):

@@ -13,7 +13,7 @@ so the loss is token cross-entropy weighted by the advantage, summed over the co
 Any baseline b that does not depend on the sampled action leaves the gradient unbiased and lowers its variance:
   --baseline none          A_it = G_it                                 (Monte-Carlo return)
   --baseline mean          A_it = G_it - b, b a moving average of past batches' rewards
-  --baseline rloo          A_it = G_it - (1/(k-1)) sum_{j != i} r_j    (leave-one-out over the prompt's k samples) [RLOO]
+  --baseline rloo          A_it = G_it - (1/(k-1)) sum_{j != i} r_j    (leave-one-out over a prompt's k samples) [RLOO]
   --baseline reinforce++   KL to the reference folded into every token's reward, -beta (log pi_old - log pi_ref),
                            then A = G normalised over all tokens of the batch                              [REINFORCE++]
 The reward r is the verifier's score on the last token (with gamma = 1 and no KL penalty, G_t = r for every t; with
@@ -29,22 +29,21 @@ Usage: python reinforce.py --model HuggingFaceTB/SmolLM2-135M-Instruct --baselin
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Literal
 from statistics import fmean
+from typing import Literal
 
 import torch
 
 from common import (all_reduce, autocast, completion_logprobs, decode, encode_prompts, evaluate, gather, generate,
                     is_correct, masked_mean, parse_number, rank, share, world_size)
-from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args,
-                      check_finite, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
-                      init_distributed, load_model, load_optimizer_state, load_policy, load_trainer_state, log_metrics,
-                      log_samples, lr_lambda, open_run, optimizer_state, parse_args, prepare_output_dir,
-                      prompt_length_check, reference_model, require, resolve_dtype, save_pretrained, set_seed,
-                      task_data)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
+                      clip_grad_norm, describe_run, distribute, exit_on_error, load_model, load_policy, log_metrics,
+                      log_samples, make_optimizer, parse_args, prepare_output_dir, prompt_length_check, reference_model,
+                      require, resume_state, save_checkpoint, save_pretrained, start_run, task_data)
 
 
 @dataclass
@@ -61,6 +60,14 @@ class Args(SamplingArgs):
     """--baseline mean: b <- decay * b + (1 - decay) * batch mean reward, after each step"""
     format_reward: float = 0.0
     """added to the reward when the completion is nothing but a number"""
+
+
+def check_flags(args: Args) -> None:
+    """REINFORCE's own flags: their ranges, then a group of at least two samples for the leave-one-out baseline."""
+    check_args(args, group_size=at_least(1), gamma=between(0, 1), beta=at_least(0),
+               baseline_decay=between(0, 1, hi_open=True))
+    require(args.baseline != "rloo" or args.group_size >= 2, f"--baseline rloo needs --group-size >= 2 (got "
+            f"{args.group_size}): the baseline of a sample is the mean of the others")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------
@@ -131,18 +138,9 @@ def reward(completion: str, correct: bool, format_reward: float = 0.0) -> float:
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    # ---- checks: flags, the run to resume, models, data; nothing is written before all of them pass --------------
-    checkpoint = open_run(args, "reinforce")  # with --resume: the run's own flags and its latest checkpoint
+    checkpoint, device, dtype = start_run(args, "reinforce", check_flags)  # flags, resume, torchrun, seeds, dtype
     k, n_batch = args.group_size, args.batch_size * args.group_size
     beta = args.beta if args.beta is not None else (0.01 if args.baseline == "reinforce++" else 0.0)
-    check_args(args, group_size=at_least(1), gamma=between(0, 1), beta=at_least(0), baseline_decay=between(0, 1, hi_open=True))
-    require(args.baseline != "rloo" or k >= 2,
-            f"--baseline rloo needs --group-size >= 2 (got {k}): the baseline of a sample is the mean of the others")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)  # global: 1/W each
-    set_seed(args.seed + rank())  # each rank samples its own completions; the data order is the seed's
-    dtype = resolve_dtype(args.dtype, device)
-
     # pi_theta (trained) and pi_ref (the frozen starting model, only if beta > 0; with LoRA, pi_theta with its
     # adapters off)
     model, tokenizer = load_policy(args, checkpoint, device)
@@ -150,36 +148,28 @@ def main(args: Args) -> dict:
                  else None)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
     problems, eval_set = task_data(args, too_long)
-    output_dir = prepare_output_dir(args, checkpoint)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    # replicated on every rank, or sharded by FSDP2 (--fsdp); one process: as they are
-    model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None for m in (model, ref_model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    output_dir = prepare_output_dir(args, checkpoint)  # the first write: every check has passed
+    model, ref_model = (distribute(m, args.fsdp, dtype) if m is not None else None
+                        for m in (model, ref_model))  # torchrun: replicated or FSDP2
+    optimizer, scheduler = make_optimizer(model, args)
     describe_run("reinforce", args, model, device, dtype, f"{args.batch_size} prompts x {k} completions")
-    start_step, running_mean = 0, 0.0  # running_mean: the --baseline mean b, from past batches only
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, running_mean = state["step"], state["running_mean"]
-    problems = itertools.islice(problems, start_step * args.batch_size, None)
+    start_step, state = resume_state(checkpoint, model, optimizer, scheduler)
+    running_mean = state.get("running_mean", 0.0)  # the --baseline mean b, from past batches only
+    problems = itertools.islice(problems, start_step * args.batch_size, None)  # the stream is the seed's
+    micro_batch_size = args.micro_batch_size // world_size()  # this rank's share of the global size
 
-    def run_eval() -> float:
-        return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
-                        args.max_prompt_length)
-
-    progress = Steps(start_step, args.max_steps, "reinforce")  # Ctrl-C: finish the step, save a checkpoint, stop
+    run_eval = functools.partial(evaluate, model, tokenizer, eval_set, args.max_new_tokens,  # held-out, greedy
+                                 args.generation_batch_size, device, dtype, args.max_prompt_length)
+    progress = Steps(start_step, args.max_steps, "reinforce", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
         progress.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
     for step in progress:
-        # ---- 1. sample k completions per prompt from pi_theta ---------------------------------------------------
+        # ---- 1. sample k completions per prompt from pi_theta ----------------------------------------------------
         t0 = time.time()
         batch = share([next(problems) for _ in range(args.batch_size)])  # this rank's prompts (whole groups)
-        n_local, micro_batch_size = len(batch) * k, args.micro_batch_size // world_size()
+        n_local = len(batch) * k
         mine = slice(rank() * n_local, (rank() + 1) * n_local)  # its rows of the global batch
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in batch for _ in range(k)], device,
                                                  args.max_prompt_length)
@@ -190,34 +180,36 @@ def main(args: Args) -> dict:
         completions = decode(tokenizer, completion_ids, completion_mask)
         sequences = (prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B*k, P) and (B*k, C)
         mask = completion_mask
+        micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
         t_sample = time.time() - t0
 
-        # ---- 2. score --------------------------------------------------------------------------------------------
+        # ---- 2. score: the verifier's verdict, plus the format bonus ---------------------------------------------
         answers = [p["answer"] for p in batch for _ in range(k)]
         correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers)], dtype=torch.float)
         scores = torch.tensor([reward(c, bool(ok), args.format_reward) for c, ok in zip(completions, correct)],
                               device=device)
 
-        # ---- 3. returns and advantages [REINFORCE-RTG], [PG-BASELINE] ---------------------------------------------
+        # ---- 3. log-probs under pi_old and pi_ref, no grad, only if beta > 0: the KL of [RLHF-KL-REWARD] ---------
         kl = None
-        if beta > 0:  # log pi_old - log pi_ref per token, for the KL folded into the reward
-            all_micro_batches = torch.arange(n_local, device=device).split(micro_batch_size)
+        if beta > 0:  # log pi_old - log pi_ref per token (k1), folded into the reward below
             with torch.no_grad(), autocast(device, dtype):
                 old_logprobs = torch.cat([logprobs_of(model, sequences, mb, args.temperature)[0]
-                                          for mb in all_micro_batches])
+                                          for mb in micro_batches])
                 with reference_model(model, ref_model) as ref:  # pi_ref (LoRA: the adapters off)
                     kl = old_logprobs - torch.cat([logprobs_of(ref, sequences, mb, args.temperature)[0]
-                                                   for mb in all_micro_batches])
+                                                   for mb in micro_batches])
+
+        # ---- 4. returns, baseline, advantages [REINFORCE-RTG] [PG-BASELINE] [RLOO] [REINFORCE++] -----------------
         returns = reward_to_go(token_rewards(scores, mask, kl, beta), mask, args.gamma)  # (B*k, C)
         advantages = advantages_for(args.baseline, returns, scores, mask, k, running_mean)  # rloo: whole groups here
         scores, correct = gather(scores), gather(correct)  # the global batch's: the running mean, metrics
         running_mean = args.baseline_decay * running_mean + (1 - args.baseline_decay) * scores.mean().item()
 
-        # ---- 4. one policy-gradient step [PG-TOKEN-LOSS] ---------------------------------------------------------
+        # ---- 5. loss and one optimiser step: on-policy, no ratio, no clipping [PG-TOKEN-LOSS] --------------------
         t1 = time.time()
         model.train()
         loss_sum, entropies = 0.0, []
-        for mb in torch.arange(n_local, device=device).split(micro_batch_size):
+        for mb in micro_batches:
             with autocast(device, dtype):
                 logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
             loss = policy_gradient_loss(logprobs, advantages[mb], mask[mb], n_batch)  # n: the global batch's
@@ -233,36 +225,43 @@ def main(args: Args) -> dict:
         scheduler.step()
         t_train = time.time() - t1
 
-        # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
-        lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's, as below
-        advantages, kl, mask = (gather(t) if t is not None else None for t in (advantages, kl, mask))
-        n_tokens = int(lengths.sum())
-        metrics = {"step": step + 1, "loss": loss_sum, "reward_mean": scores.mean().item(),
-                   "reward_std": scores.std(correction=0).item(), "accuracy": correct.mean().item(),
-                   "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
-                   "kl_k1": masked_mean(kl, mask).item() if kl is not None else 0.0,
-                   "entropy": all_reduce(fmean(entropies)) / world_size(),  # the mean over ranks of theirs
-                   "grad_norm": grad_norm, "lr": lr, "completion_len": lengths.mean().item(),
-                   "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
-                   "sample_tokens_per_s": int(n_tokens / t_sample),
-                   "train_tokens_per_s": int((all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
-                   "step_time": time.time() - t0}
-        evaluating = eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps)
-        if evaluating:
+        # ---- 6. log, evaluate, save ------------------------------------------------------------------------------
+        metrics = metrics_row(step + 1, loss_sum, scores, correct, advantages, kl, mask, entropies, grad_norm, lr,
+                              truncated, prompt_mask, t0, t_sample, t_train)
+        if eval_set and progress.eval_due(step + 1):
             metrics["eval_accuracy"] = run_eval()
         log_samples(output_dir, step + 1, [{"prompt": p["prompt"], "completion": c, "answer": p["answer"],
                                             "reward": r} for p, c, r in zip(batch, completions[::k],
                                                                             scores[mine][::k].tolist())][:4],
-                    show=bool(evaluating))
+                    show="eval_accuracy" in metrics)  # a few samples, one per group
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl_k1", "grad_norm",
                                                          "completion_len", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
-                             "scheduler": scheduler.state_dict(), "running_mean": running_mean})
+        if progress.checkpoint_due(step + 1):  # every --save-every steps, and on Ctrl-C
+            save_checkpoint(step + 1, model, tokenizer, optimizer, scheduler, output_dir,
+                            state={"running_mean": running_mean})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, loss: float, scores, correct, advantages, kl, mask, entropies: list[float],
+                grad_norm: float, lr: float, truncated, prompt_mask, t0: float, t_sample: float,
+                t_train: float) -> dict:
+    """The step's line of metrics.jsonl: the loss and gradient norm of the whole batch, rewards and per-token
+    statistics of the global batch (gathered here), entropy as the mean over ranks of theirs."""
+    lengths, truncated = gather(mask.sum(1).float()), gather(truncated)
+    advantages, kl, mask = (gather(t) if t is not None else None for t in (advantages, kl, mask))
+    n_tokens = int(lengths.sum())
+    return {"step": step, "loss": loss, "reward_mean": scores.mean().item(),
+            "reward_std": scores.std(correction=0).item(), "accuracy": correct.mean().item(),
+            "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt().item(),
+            "kl_k1": masked_mean(kl, mask).item() if kl is not None else 0.0,
+            "entropy": all_reduce(fmean(entropies)) / world_size(),
+            "grad_norm": grad_norm, "lr": lr, "completion_len": lengths.mean().item(),
+            "completion_len_max": int(lengths.max()), "truncated_frac": truncated.float().mean().item(),
+            "sample_tokens_per_s": int(n_tokens / t_sample),
+            "train_tokens_per_s": int((all_reduce(prompt_mask.sum()) + n_tokens) / t_train),
+            "step_time": time.time() - t0}
 
 
 def logprobs_of(model, sequences, rows, temperature: float):

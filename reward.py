@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from common import (all_reduce, arithmetic_problems, autocast, completion_text, encode_pairs, eos_token_ids,
-                    eval_problems, forward_pass, gather, rank, share, share_padded, world_size)
+                    eval_problems, forward_pass, gather, share, share_padded, world_size)
 from plumbing import (Steps, TrainArgs, all_reduce_gradients, check_args, check_finite, check_messages,
-                      check_world_size, clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error,
-                      hold_out, init_distributed, is_lora, load_model, load_optimizer_state, load_trainer_state,
-                      log_metrics, lr_lambda, note, open_run, optimizer_state, parse_args, prepare_output_dir,
-                      prompt_length_check, read_rows, require, resolve_dtype, save_pretrained, set_seed, with_lora)
+                      clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error, hold_out, is_lora,
+                      load_model, log_metrics, make_optimizer, note, parse_args, prepare_output_dir,
+                      prompt_length_check, read_rows, require, resume_state, save_checkpoint, save_pretrained,
+                      start_run, with_lora)
 
 
 @dataclass
@@ -59,6 +59,13 @@ class Args(TrainArgs):
     above the rejected (also before the first step and after the last); 0 disables"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
+
+
+def check_flags(args: Args) -> None:
+    """The reward model's flag rules, before anything is loaded: the shared ranges, whole micro-batches."""
+    check_args(args)
+    require(args.batch_size % args.micro_batch_size == 0,
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -105,6 +112,19 @@ def reward_model_from(lm, tokenizer):
     reward_model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     reward_model.base_model.load_state_dict(lm.base_model.state_dict())
     return reward_model
+
+
+def reward_model_to_train(args, checkpoint, device):
+    """(reward model, tokenizer): --model's backbone with a fresh scalar head (reward_model_from), or the checkpoint's
+    model on resume; with --lora-rank, adapters on the frozen backbone and the score head trained in full (peft's
+    SEQ_CLS task), fresh or the checkpoint's. The tokenizer pads apart from EOS (pad_apart_from_eos)."""
+    lm, tokenizer = load_model(args.model, device)
+    pad_apart_from_eos(tokenizer, eos_token_ids(lm, tokenizer), lm.get_input_embeddings().num_embeddings)
+    reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
+                    if checkpoint and not args.lora_rank else reward_model_from(lm, tokenizer)).to(device)
+    reward_model.config.pad_token_id = tokenizer.pad_token_id  # also a checkpoint's, saved before pads were moved
+    del lm
+    return with_lora(reward_model, args, checkpoint, task_type="SEQ_CLS"), tokenizer
 
 
 def check_pair(row: dict) -> str | None:
@@ -157,24 +177,9 @@ def pair_data(args, checks=()) -> tuple:
 
 def main(args: Args) -> dict:
     # ---- checks: flags, the run to resume, the model, data; nothing is written before all of them pass -----------
-    checkpoint = open_run(args, "reward")  # with --resume: the run's own flags and its latest checkpoint
-    check_args(args)
-    require(args.batch_size % args.micro_batch_size == 0,
-            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
-    set_seed(args.seed + rank())  # the head is drawn on every rank, then rank 0's is used (distribute)
-    dtype = resolve_dtype(args.dtype, device)
-
-    lm, tokenizer = load_model(args.model, device)
-    pad_apart_from_eos(tokenizer, eos_token_ids(lm, tokenizer), lm.get_input_embeddings().num_embeddings)
-    reward_model = (AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
-                    if checkpoint and not args.lora_rank else reward_model_from(lm, tokenizer)).to(device)
-    reward_model.config.pad_token_id = tokenizer.pad_token_id  # also a checkpoint's, saved before pads were moved
-    del lm
-    # --lora-rank: adapters on the frozen backbone, and the score head trained in full (peft's SEQ_CLS task); fresh,
-    # or the checkpoint's on resume. Scores are read from the model that peft wraps, whose layers hold the adapters.
-    reward_model = with_lora(reward_model, args, checkpoint, task_type="SEQ_CLS")
+    # --resume's flags, torchrun, seeds (the head is drawn on every rank, then rank 0's is used: distribute), dtype
+    checkpoint, device, dtype = start_run(args, "reward", check_flags)
+    reward_model, tokenizer = reward_model_to_train(args, checkpoint, device)
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
     pairs, eval_pairs = pair_data(args, checks=(too_long,))
     output_dir = prepare_output_dir(args, checkpoint)
@@ -184,15 +189,9 @@ def main(args: Args) -> dict:
     # reward_model_scores calls each directly; one process: as is
     reward_model = distribute(reward_model, args.fsdp, dtype)
     scorer = reward_model.get_base_model() if is_lora(reward_model) else reward_model  # LoRA: what peft wraps
-    optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    optimizer, scheduler = make_optimizer(reward_model, args)  # AdamW, warmup then cosine
     describe_run("reward", args, reward_model, device, dtype, f"{args.batch_size} pairs")
-    start_step = 0
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(reward_model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
+    start_step, _ = resume_state(checkpoint, reward_model, optimizer, scheduler)  # 0 on a fresh run
     pairs = itertools.islice(pairs, start_step * args.batch_size, None)
 
     @torch.no_grad()
@@ -209,15 +208,17 @@ def main(args: Args) -> dict:
             wins.append(chosen > rejected)
         return all_reduce(torch.cat(wins)[:len(mine)].sum()) / len(eval_pairs)  # only called with eval pairs
 
-    progress = Steps(start_step, args.max_steps, "reward")  # Ctrl-C: finish the step, save a checkpoint, stop
+    progress = Steps(start_step, args.max_steps, "reward", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if eval_pairs and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_pair_accuracy": pairwise_accuracy()}
         progress.write(log_metrics(output_dir, metrics, ("eval_pair_accuracy",)))
-
     for step in progress:
+        # ---- 1. a batch of preference pairs, this rank's share of it ---------------------------------------------
         t0 = time.time()
         batch = share([next(pairs) for _ in range(args.batch_size)])  # this rank's pairs of the batch
+
+        # ---- 2. score both completions r(x, y+), r(x, y-); the loss [BT], accumulated over micro-batches --------
         reward_model.train()
         loss_sum, wins, margins, n_tokens, micro_batch_size = 0.0, 0, [], 0, args.micro_batch_size // world_size()
         for i in range(0, len(batch), micro_batch_size):
@@ -230,6 +231,8 @@ def main(args: Args) -> dict:
             loss_sum += loss.item()
             wins += (chosen > rejected).sum().item()
             margins.append((chosen - rejected).detach())
+
+        # ---- 3. one optimiser step -------------------------------------------------------------------------------
         all_reduce_gradients(reward_model)  # the batch's gradient: the sum of the ranks' (one all-reduce per step)
         grad_norm, loss_sum = clip_grad_norm(reward_model, args.max_grad_norm), all_reduce(loss_sum)
         check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
@@ -238,20 +241,26 @@ def main(args: Args) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        step_time = max(time.time() - t0, 1e-9)
-        metrics = {"step": step + 1, "loss": loss_sum, "pair_accuracy": all_reduce(wins) / args.batch_size,
-                   "margin": gather(torch.cat(margins)).mean().item(), "grad_norm": grad_norm,
-                   "lr": lr, "train_tokens_per_s": int(all_reduce(n_tokens) / step_time), "step_time": step_time}
-        if eval_pairs and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        # ---- 4. log, evaluate, save ------------------------------------------------------------------------------
+        metrics = metrics_row(step + 1, loss_sum, wins, margins, grad_norm, lr, n_tokens, args.batch_size, t0)
+        if eval_pairs and progress.eval_due(step + 1):
             metrics["eval_pair_accuracy"] = pairwise_accuracy()
         progress.write(log_metrics(output_dir, metrics, ("loss", "pair_accuracy", "margin", "eval_pair_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            save_pretrained(reward_model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer_state(reward_model, optimizer),
-                             "scheduler": scheduler.state_dict()})
+        if progress.checkpoint_due(step + 1):  # for --resume
+            save_checkpoint(step + 1, reward_model, tokenizer, optimizer, scheduler, output_dir)
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(reward_model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, loss: float, wins: int, margins: list, grad_norm: float, lr: float, n_tokens: int,
+                batch_size: int, t0: float) -> dict:
+    """The step's row of metrics.jsonl: loss, pair_accuracy (the batch's pairs ranked right), margin (the mean of
+    r(x, y+) - r(x, y-)), gradient norm, learning rate and training throughput (tokens per second, all ranks)."""
+    step_time = max(time.time() - t0, 1e-9)
+    return {"step": step, "loss": loss, "pair_accuracy": all_reduce(wins) / batch_size,
+            "margin": gather(torch.cat(margins)).mean().item(), "grad_norm": grad_norm,
+            "lr": lr, "train_tokens_per_s": int(all_reduce(n_tokens) / step_time), "step_time": step_time}
 
 
 if __name__ == "__main__":

@@ -24,26 +24,30 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (all_reduce, autocast, completion_logprobs, encode_completions, encode_prompts, evaluate, rank,
-                    share, world_size)
-from plumbing import (Steps, TrainArgs, all_reduce_gradients, at_least, check_args, check_finite,
-                      check_messages, check_world_size, clip_grad_norm, describe_run, distribute, exit_on_error,
-                      init_distributed, load_optimizer_state, load_policy, load_trainer_state, log_metrics, lr_lambda,
-                      open_run, optimizer_state, parse_args, prepare_output_dir, prompt_length_check, require,
-                      resolve_dtype, save_pretrained, set_seed, task_data)
+from common import (all_reduce, autocast, completion_logprobs, encode_completions, encode_prompts, evaluate, share,
+                    world_size)
+from plumbing import (Steps, TrainArgs, all_reduce_gradients, at_least, check_args, check_finite, check_messages,
+                      clip_grad_norm, describe_run, distribute, exit_on_error, load_policy, log_metrics,
+                      make_optimizer, parse_args, prepare_output_dir, prompt_length_check, require, resume_state,
+                      save_checkpoint, save_pretrained, start_run, task_data)
 
 
 @dataclass
 class Args(TrainArgs):
     weight_decay: float = 0.0
     """AdamW weight decay"""
-
     completion_field: str = "completion"
     """--data's column holding the completion; without one, the answer is the completion (openai/gsm8k needs no flag:
     its `answer` is the worked solution)"""
     answer_field: str = "answer"
     """--data's column holding the answer: the completion of a row that has none, and, without --eval-data, what the
     held-out accuracy checks"""
+    max_new_tokens: int = 32
+    """completion length limit for the greedy evaluation"""
+    generation_batch_size: int = 64
+    """sequences per generate call in the evaluation"""
+
+    # shared flags with SFT's own defaults
     max_steps: int = 200
     """optimiser steps"""
     batch_size: int = 32
@@ -54,14 +58,17 @@ class Args(TrainArgs):
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
     """linear warmup steps, then cosine decay to 10% of the peak"""
-    max_new_tokens: int = 32
-    """completion length limit for the greedy evaluation"""
     eval_every: int = 50
     """steps between held-out evaluations (also before the first step and after the last); 0 disables"""
     save_every: int = 100
     """steps between checkpoints (for --resume); the final model is always saved"""
-    generation_batch_size: int = 64
-    """sequences per generate call in the evaluation"""
+
+
+def check_flags(args: Args) -> None:
+    """SFT's flag rules, before anything is loaded: the shared ranges and its own, whole micro-batches."""
+    check_args(args, weight_decay=at_least(0))
+    require(args.batch_size % args.micro_batch_size == 0,
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -100,15 +107,7 @@ def to_example(row: dict) -> tuple:
 
 def main(args: Args) -> dict:
     # ---- checks: flags, the run to resume, the model, data; nothing is written before all of them pass -----------
-    checkpoint = open_run(args, "sft")  # with --resume: the run's own flags and its latest checkpoint
-    check_args(args, weight_decay=at_least(0))
-    require(args.batch_size % args.micro_batch_size == 0,
-            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
-    device = init_distributed(args.device, args.fsdp)  # under torchrun: this rank's device, in the process group
-    check_world_size(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
-    set_seed(args.seed + rank())
-    dtype = resolve_dtype(args.dtype, device)
-
+    checkpoint, device, dtype = start_run(args, "sft", check_flags)  # --resume's flags, torchrun, seeds, dtype
     model, tokenizer = load_policy(args, checkpoint, device)  # --lora-rank: the frozen model with trained adapters
     too_long = prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts)
 
@@ -122,18 +121,10 @@ def main(args: Args) -> dict:
     # rows forever; the held-out set: --eval-data, the built-in task's, or --data's rows with answers held out
     rows, eval_set = task_data(args, (check_row, prompt_too_long), fields=(), eval_checks=held_out_check)
     output_dir = prepare_output_dir(args, checkpoint)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     model = distribute(model, args.fsdp, dtype)  # replicated, or sharded by FSDP2 (--fsdp); one process: as is
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    optimizer, scheduler = make_optimizer(model, args, args.weight_decay)  # AdamW, warmup then cosine
     describe_run("sft", args, model, device, dtype, f"{args.batch_size} examples")
-    start_step = 0
-    if checkpoint:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
+    start_step, _ = resume_state(checkpoint, model, optimizer, scheduler)  # 0 on a fresh run
     rows = itertools.islice(rows, start_step * args.batch_size, None)  # the stream is a function of the seed
 
     def run_eval() -> float:
@@ -141,14 +132,13 @@ def main(args: Args) -> dict:
         return evaluate(model, tokenizer, eval_set, args.max_new_tokens, args.generation_batch_size, device, dtype,
                         args.max_prompt_length)
 
-    progress = Steps(start_step, args.max_steps, "sft")  # Ctrl-C: finish the step, save a checkpoint, stop
+    progress = Steps(start_step, args.max_steps, "sft", args.eval_every, args.save_every)  # Ctrl-C: save, stop
     metrics: dict = {}
     if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
         progress.write(log_metrics(output_dir, metrics, ("eval_accuracy",)))
-
-    # ---- training loop ------------------------------------------------------------------------------------------
     for step in progress:
+        # ---- 1. a batch of (prompt, completion) examples, this rank's share of it --------------------------------
         t0 = time.time()
         batch = share([to_example(next(rows)) for _ in range(args.batch_size)])  # this rank's rows of the batch
         prompts, completions = zip(*batch)
@@ -156,6 +146,7 @@ def main(args: Args) -> dict:
         completion_ids, completion_mask = encode_completions(tokenizer, list(completions), device)
         num_tokens = int(all_reduce(completion_mask.sum()))  # N of [SFT-LOSS], over the whole batch (all ranks)
 
+        # ---- 2. the loss [SFT-LOSS], its gradient accumulated over micro-batches ---------------------------------
         model.train()
         loss_sum, micro_batch_size = 0.0, args.micro_batch_size // world_size()
         for i in range(0, len(batch), micro_batch_size):
@@ -166,6 +157,8 @@ def main(args: Args) -> dict:
             loss = sft_loss(logprobs, completion_mask[mb], num_tokens)  # [SFT-LOSS]: this rank's share of it
             loss.backward()
             loss_sum += loss.item()
+
+        # ---- 3. one optimiser step -------------------------------------------------------------------------------
         all_reduce_gradients(model)  # the batch's gradient: the sum of the ranks' (one all-reduce per step)
         grad_norm, loss_sum = clip_grad_norm(model, args.max_grad_norm), all_reduce(loss_sum)
         check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)  # before the update, never after
@@ -174,22 +167,26 @@ def main(args: Args) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # ---- log, evaluate, save ----------------------------------------------------------------------------------
-        step_time = max(time.time() - t0, 1e-9)
-        metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm,
-                   "lr": lr, "completion_len": num_tokens / args.batch_size,
-                   "train_tokens_per_s": int((all_reduce(prompt_mask.sum()) + num_tokens) / step_time),
-                   "step_time": step_time}
-        if eval_set and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        # ---- 4. log, evaluate, save ------------------------------------------------------------------------------
+        metrics = metrics_row(step + 1, loss_sum, grad_norm, lr, num_tokens, prompt_mask, args.batch_size, t0)
+        if eval_set and progress.eval_due(step + 1):
             metrics["eval_accuracy"] = run_eval()
         progress.write(log_metrics(output_dir, metrics, ("loss", "grad_norm", "eval_accuracy")))
-        if (step + 1) % args.save_every == 0 and step + 1 < args.max_steps or progress.stop_requested:
-            save_pretrained(model, tokenizer, output_dir / "checkpoint",
-                            {"step": step + 1, "optimizer": optimizer_state(model, optimizer),
-                             "scheduler": scheduler.state_dict()})
+        if progress.checkpoint_due(step + 1):  # for --resume
+            save_checkpoint(step + 1, model, tokenizer, optimizer, scheduler, output_dir)
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
+
+
+def metrics_row(step: int, loss: float, grad_norm: float, lr: float, num_tokens: int, prompt_mask: torch.Tensor,
+                batch_size: int, t0: float) -> dict:
+    """The step's row of metrics.jsonl: loss, gradient norm, learning rate, mean completion length (tokens, EOS
+    included) and training throughput (prompt and completion tokens per second, all ranks)."""
+    step_time = max(time.time() - t0, 1e-9)
+    return {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "completion_len": num_tokens / batch_size,
+            "train_tokens_per_s": int((all_reduce(prompt_mask.sum()) + num_tokens) / step_time),
+            "step_time": step_time}
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(tmp_path, tiny_mo
 
 
 def test_global_batch_sizes_must_split_evenly_over_the_processes(monkeypatch):
-    monkeypatch.setattr(common, "world_size", lambda: 4)
+    monkeypatch.setattr(plumbing, "world_size", lambda: 4)
     plumbing.check_world_size(batch_size=8, micro_batch_size=4)
     with pytest.raises(common.RunError, match=r"--batch-size 6, --micro-batch-size 2: must be a multiple of the 4"):
         plumbing.check_world_size(batch_size=6, micro_batch_size=2)

@@ -485,3 +485,18 @@ def test_pairs_from_a_parquet_file_with_their_own_column_names(tmp_path, tiny_mo
     saved = plumbing.read_jsonl(tmp_path / "run" / "pairs.jsonl", ("prompt", "chosen", "rejected", "ref_chosen"))
     assert sorted((r["prompt"], r["chosen"], r["rejected"], r["id"]) for r in saved) == sorted(
         (r["instruction"], r["good"], r["bad"], r["id"]) for r in rows)
+
+
+def test_prompt_and_answer_fields_name_the_eval_data_columns_too(tmp_path, tiny_model_dir):
+    """--prompt-field and --answer-field name --eval-data's columns as well as --data's (as in the RL scripts)."""
+    pairs = [{"instruction": f"Say {d}.", "chosen": "7", "rejected": w} for d in range(10) for w in "0123"]
+    (tmp_path / "renamed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"instruction": f"Say {d}.", "solution": 7}) + "\n"
+                                                 for d in range(10)))
+    args = dict(data=str(tmp_path / "renamed.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
+                prompt_field="instruction", max_steps=1, eval_every=1, eval_size=4)
+    with pytest.raises(common.RunError, match=r"eval\.jsonl:1: missing field\(s\) answer \(has: instruction"):
+        dpo.main(toy_args(tmp_path, tiny_model_dir, **args))
+    assert not (tmp_path / "run").exists()
+    last = dpo.main(toy_args(tmp_path, tiny_model_dir, **args, answer_field="solution"))
+    assert 0.0 <= last["eval_accuracy"] <= 1.0 and last["eval_pref_accuracy"] is not None

@@ -141,12 +141,12 @@ def test_divergence_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_pa
     """A learning rate of 1e30 blows the weights up after the first step with a gradient: the next step's gradient
     norm is NaN. The run must stop there, before optimizer.step(), leaving the previous checkpoint as it was."""
     saved = []  # the checkpoint's bytes after every save
-    original = reinforce.save_pretrained
+    original = reinforce.save_checkpoint
 
-    def recording_save(model, tokenizer, target, trainer_state=None):
-        original(model, tokenizer, target, trainer_state)
-        saved.append(files_of(target))
-    monkeypatch.setattr(reinforce, "save_pretrained", recording_save)
+    def recording_save(step, model, tokenizer, optimizer, scheduler, output_dir, **kwargs):
+        original(step, model, tokenizer, optimizer, scheduler, output_dir, **kwargs)
+        saved.append(files_of(output_dir / "checkpoint"))
+    monkeypatch.setattr(reinforce, "save_checkpoint", recording_save)
 
     with pytest.raises(common.NonFiniteError, match=r"step (\d+): non-finite") as error:
         reinforce.main(toy_args(tmp_path, tiny_model_dir, baseline="none", learning_rate=1e30, max_steps=10,

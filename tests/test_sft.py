@@ -225,12 +225,13 @@ def test_chat_messages_rows_train_on_the_last_assistant_message():
 def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     """lr 1e12: step 1 is finite (weights ~1e12), step 2's loss is NaN. The run must stop before applying it."""
     saved = {}
-    original = sft.save_pretrained
+    original = plumbing.save_pretrained  # what save_checkpoint (and so sft.py's checkpoints) calls
 
     def recording_save(model, tokenizer, target, *a, **k):
         original(model, tokenizer, target, *a, **k)
         saved[target.name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in target.iterdir()}
-    monkeypatch.setattr(sft, "save_pretrained", recording_save)
+    monkeypatch.setattr(plumbing, "save_pretrained", recording_save)
+    monkeypatch.setattr(sft, "save_pretrained", recording_save)  # final/
 
     with pytest.raises(common.NonFiniteError, match=r"^step 2: non-finite loss"):
         sft.main(tiny_args(tmp_path, tiny_model_dir, learning_rate=1e12, warmup_steps=0, save_every=1, max_steps=5,

@@ -17,9 +17,7 @@ clip-higher.
 --supervision process rewards every step instead of the outcome: the built-in sum task (--task sum) writes one partial
 sum per line, each line is checked, and a token's advantage is the sum of the group-normalised rewards of the steps
 that end at or after it [GRPO-PROCESS]. --reward-model scores completions with a model trained by reward.py instead of
-the verifier; --iteration-steps K makes it iterative GRPO: every K steps the reward model trains on the policy's
-samples (labelled by the verifier, with a replay of earlier ones) and pi_ref becomes the current policy
-[GRPO-ITERATIVE].
+the verifier. Iterative GRPO, where pi_ref and the reward model follow the policy, is the sibling grpo_iterative.py.
 
 With --num-iterations 1 and one mini-batch (the defaults) pi_old = pi_theta at the only update, so the ratio is
 exactly 1 and nothing is clipped: the loss is ~0 (plus beta*KL), but its gradient is not. It is the policy gradient
@@ -31,7 +29,7 @@ Every tag in brackets is defined, with its derivation and papers, in docs/equati
 Usage: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 16
        python grpo.py                      # default model, built-in two-digit addition task
        python grpo.py --task sum --supervision process --max-new-tokens 64
-       python grpo.py --reward-model runs/reward-xyz/final --iteration-steps 25
+       python grpo.py --reward-model runs/reward-xyz/final
        torchrun --nproc-per-node 8 grpo.py --fsdp ...   # several GPUs: the same math (README)
 """
 

@@ -287,12 +287,11 @@ def main(args: Args) -> dict:
                                           ("batch_size", "mini_batch_size", "micro_batch_size"))
     G, n_batch = args.group_size, args.batch_size * args.group_size
     mini_batch_size = args.mini_batch_size or n_batch
-    # pi_theta (trained); pi_ref, the frozen starting model (if beta > 0; LoRA: pi_theta with its adapters off); the
-    # reward model, if one is given
-    model, tokenizer = load_policy(args, checkpoint, device)
     def saved(name: str, given: str) -> str:  # pi_ref and the reward model move: a resumed run loads its own
         return str(checkpoint / name) if checkpoint and (checkpoint / name).is_dir() else given
 
+    # pi_theta (trained); pi_ref, the last iteration's policy (if beta > 0); the reward model, if one is given
+    model, tokenizer = load_policy(args, checkpoint, device)
     ref_model = (load_model(saved("ref_model", args.model), device)[0].eval().requires_grad_(False)
                  if args.beta > 0 else None)
     reward_model = (load_reward_model(saved("reward_model", args.reward_model), tokenizer, device)

@@ -231,8 +231,7 @@ def main(args: Args) -> dict:
                                           ("batch_size", "mini_batch_size", "micro_batch_size"))
     G, n_batch = args.group_size, args.batch_size * args.group_size
     mini_batch_size = args.mini_batch_size or n_batch
-    # pi_theta (trained); pi_ref, the frozen starting model (if beta > 0; LoRA: pi_theta with its adapters off); the
-    # reward model, if one is given
+    # pi_theta (trained); pi_ref, the starting model (if beta > 0; LoRA: pi_theta, adapters off); a reward model
     model, tokenizer = load_policy(args, checkpoint, device)
     ref_model = (load_model(args.model, device)[0].eval().requires_grad_(False)
                  if args.beta > 0 and not args.lora_rank else None)

@@ -290,7 +290,7 @@ def main(args: Args) -> dict:
     def saved(name: str, given: str) -> str:  # pi_ref and the reward model move: a resumed run loads its own
         return str(checkpoint / name) if checkpoint and (checkpoint / name).is_dir() else given
 
-    # pi_theta (trained); pi_ref, the last iteration's policy (if beta > 0); the reward model, if one is given
+    # pi_theta (trained); pi_ref, the last iteration's policy (if beta > 0); a reward model
     model, tokenizer = load_policy(args, checkpoint, device)
     ref_model = (load_model(saved("ref_model", args.model), device)[0].eval().requires_grad_(False)
                  if args.beta > 0 else None)

@@ -215,9 +215,8 @@ def main(args: Args) -> dict:
     reward_model = load_reward_model(args.reward_model, tokenizer, device) if args.reward_model else None
     problems, eval_set = task_data(args, prompt_length_check(tokenizer, args.max_prompt_length, args.truncate_prompts))
     output_dir = prepare_output_dir(args, checkpoint)  # the first write: every check has passed
-    if args.gradient_checkpointing:  # the actor's, and the critic's own backbone (a shared one is the actor's)
-        for m in (model,) if args.shared_backbone else (model, backbone):
-            m.gradient_checkpointing_enable()
+    if args.gradient_checkpointing and not args.shared_backbone:  # the critic's own backbone (load_policy: the actor)
+        backbone.gradient_checkpointing_enable()
     if checkpoint:
         critic.load_state_dict(read_trainer_state(checkpoint)["critic"])  # a whole state dict: before it is sharded
     model, critic, ref_model, reward_model = (distribute(m, args.fsdp, dtype) if m is not None else None

@@ -53,9 +53,9 @@ from common import (NonFiniteError, RunError, all_reduce, arithmetic_problems, a
                     generate, is_correct, is_main, parse_answer, parse_number, share, share_padded, world_size)
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
                       check_messages, clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error,
-                      load_eval_set, load_policy, log_metrics, log_samples, make_optimizer, note, parse_args,
-                      prepare_output_dir, prompt_length_check, read_jsonl, read_rows, reference_model, require,
-                      resume_state, save_checkpoint, save_pretrained, start_run, write_atomic)
+                      fit_to_batch, load_eval_set, load_policy, log_metrics, log_samples, make_optimizer, note,
+                      parse_args, prepare_output_dir, prompt_length_check, read_jsonl, read_rows, reference_model,
+                      require, resume_state, save_checkpoint, save_pretrained, start_run, write_atomic)
 
 
 @dataclass
@@ -96,6 +96,7 @@ def check_flags(args: Args) -> None:
     """DPO's flags: their ranges, and the combinations that mean something."""
     check_args(args, beta=at_least(0), label_smoothing=between(0, 0.5, hi_open=True), num_prompts=at_least(1),
                num_samples=at_least(2), held_out_pairs=between(0, 1, hi_open=True))
+    fit_to_batch(args, "micro_batch_size", args.batch_size)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")

@@ -40,10 +40,10 @@ from common import (all_reduce, autocast, check_sum_row, completion_logprobs, de
                     evaluate, forward_pass, gather, gather_objects, generate, is_correct, masked_mean, parse_number,
                     rank, share, sum_steps, world_size)
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
-                      clip_grad_norm, describe_run, distribute, exit_on_error, load_model, load_optimizer_state,
-                      load_policy, load_reward_model, log_metrics, log_samples, make_optimizer, optimizer_state,
-                      parse_args, positive, prepare_output_dir, prompt_length_check, reference_model, require,
-                      resume_state, save_checkpoint, save_pretrained, start_run, task_data)
+                      clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_model,
+                      load_optimizer_state, load_policy, load_reward_model, log_metrics, log_samples, make_optimizer,
+                      optimizer_state, parse_args, positive, prepare_output_dir, prompt_length_check, reference_model,
+                      require, resume_state, save_checkpoint, save_pretrained, start_run, task_data)
 
 
 @dataclass
@@ -95,6 +95,7 @@ def check_flags(args: Args) -> None:
                rm_steps=at_least(1), rm_learning_rate=positive, replay_fraction=between(0, 1))
     G, n_batch = args.group_size, args.batch_size * args.group_size
     mini_batch_size = args.mini_batch_size or n_batch
+    fit_to_batch(args, "micro_batch_size", mini_batch_size)
     require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
     require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
             f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "

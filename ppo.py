@@ -39,10 +39,10 @@ import torch
 from common import (all_reduce, autocast, completion_logprobs, decode, encode_prompts, evaluate, forward_pass, gather,
                     generate, is_correct, masked_mean, parse_number, share, world_size)
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
-                      clip_grad_norm, describe_run, distribute, exit_on_error, full_state_dict, load_model, load_policy,
-                      load_reward_model, log_metrics, log_samples, make_optimizer, optimizer_state, parse_args,
-                      positive, prepare_output_dir, prompt_length_check, read_trainer_state, reference_model, require,
-                      resume_state, save_pretrained, start_run, task_data)
+                      clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, full_state_dict,
+                      load_model, load_policy, load_reward_model, log_metrics, log_samples, make_optimizer,
+                      optimizer_state, parse_args, positive, prepare_output_dir, prompt_length_check,
+                      read_trainer_state, reference_model, require, resume_state, save_pretrained, start_run, task_data)
 
 
 @dataclass
@@ -91,6 +91,8 @@ def check_flags(args: Args) -> None:
     check_args(args, ppo_epochs=at_least(1), mini_batch_size=at_least(1), clip_eps=positive, clip_value=positive,
                vf_coef=at_least(0), entropy_coef=at_least(0), beta=at_least(0), target_kl=positive,
                kl_horizon=at_least(1), early_stop_kl=positive, gamma=between(0, 1), lam=between(0, 1))
+    fit_to_batch(args, "mini_batch_size", args.batch_size)
+    fit_to_batch(args, "micro_batch_size", args.mini_batch_size)
     require(args.batch_size % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,
             f"--batch-size ({args.batch_size}) must be a multiple of --mini-batch-size ({args.mini_batch_size}), "
             f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")

@@ -35,8 +35,8 @@ from transformers import AutoModelForSequenceClassification
 
 from common import (all_reduce, arithmetic_problems, autocast, completion_text, encode_pairs, eos_token_ids,
                     eval_problems, forward_pass, gather, share, share_padded, world_size)
-from plumbing import (Steps, TrainArgs, all_reduce_gradients, check_args, check_finite, check_messages,
-                      clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error, hold_out, is_lora,
+from plumbing import (Steps, TrainArgs, all_reduce_gradients, check_args, check_finite, check_messages, clip_grad_norm,
+                      data_fields, describe_run, distribute, epochs, exit_on_error, fit_to_batch, hold_out, is_lora,
                       load_model, log_metrics, make_optimizer, note, parse_args, prepare_output_dir,
                       prompt_length_check, read_rows, require, resume_state, save_checkpoint, save_pretrained,
                       start_run, with_lora)
@@ -64,6 +64,7 @@ class Args(TrainArgs):
 def check_flags(args: Args) -> None:
     """The reward model's flag rules, before anything is loaded: the shared ranges, whole micro-batches."""
     check_args(args)
+    fit_to_batch(args, "micro_batch_size", args.batch_size)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
 

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import re
+import sys
 import zlib
 from fractions import Fraction
 
@@ -430,7 +431,8 @@ def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_
     mine, padded = share_padded(problems)
     chunk = min(batch_size, max(16, math.ceil(len(padded) / 8)))  # a few calls at least, for the progress bar
     completions = []
-    for i in tqdm(range(0, len(padded), chunk), desc="evaluating", leave=False, disable=not is_main()):
+    for i in tqdm(range(0, len(padded), chunk), desc="evaluating", leave=False,
+                  disable=not is_main() or not sys.stderr.isatty()):  # a log file: no redraws
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [p["prompt"] for p in padded[i:i + chunk]], device,
                                                  max_prompt_length)
         with autocast(device, dtype):

@@ -55,7 +55,7 @@ from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, betwe
                       check_messages, clip_grad_norm, data_fields, describe_run, distribute, epochs, exit_on_error,
                       fit_to_batch, load_eval_set, load_policy, log_metrics, log_samples, make_optimizer, note,
                       parse_args, prepare_output_dir, prompt_length_check, read_jsonl, read_rows, reference_model,
-                      require, resume_state, save_checkpoint, save_pretrained, start_run, write_atomic)
+                      require, resume_state, save_checkpoint, save_pretrained, start_run, unused, write_atomic)
 
 
 @dataclass
@@ -102,6 +102,9 @@ def check_flags(args: Args) -> None:
     require(args.ranked == 0 or args.ranked >= 2, f"--ranked {args.ranked}: rank at least 2 samples, or 0 for pairs")
     require(not (args.ranked and args.data), "--ranked builds rankings from the built-in task; a --data file gives "
                                              "its own as 'ranked' rows: drop --ranked")
+    unused(args, "num_prompts num_samples", args.data is None, "with --data (they build the built-in pairs)")
+    unused(args, "chosen_field rejected_field", args.data is not None or args.eval_data is not None,
+           "without --data or --eval-data")
 
 
 # ---- the math -------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, betwe
                       clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_model, load_policy,
                       load_reward_model, log_metrics, log_samples, make_optimizer, parse_args, positive,
                       prepare_output_dir, prompt_length_check, reference_model, require, resume_state, save_checkpoint,
-                      save_pretrained, start_run, task_data)
+                      save_pretrained, start_run, task_data, unused)
 
 
 @dataclass
@@ -105,6 +105,10 @@ def check_flags(args: Args) -> None:
     require(args.task == "arithmetic" or args.ops == "+", f"--task sum adds numbers: --ops {args.ops} does not apply")
     require(args.supervision == "outcome" or not args.reward_model,
             "--reward-model scores whole completions: it is for --supervision outcome")
+    unused(args, "task", args.data is None, "with --data (it picks a built-in task)")
+    unused(args, "format_reward", not args.reward_model, "with --reward-model (it scores instead of the verifier)")
+    unused(args, "clip_eps_low clip_eps_high", args.num_iterations > 1 or mini_batch_size < n_batch,
+           "with one update per sampled batch (--num-iterations 1, one mini-batch): the ratio is 1, nothing is clipped")
 
 
 # ---- the math: one function per equation -----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, betwe
                       clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_model,
                       load_optimizer_state, load_policy, load_reward_model, log_metrics, log_samples, make_optimizer,
                       optimizer_state, parse_args, positive, prepare_output_dir, prompt_length_check, reference_model,
-                      require, resume_state, save_checkpoint, save_pretrained, start_run, task_data)
+                      require, resume_state, save_checkpoint, save_pretrained, start_run, task_data, unused)
 
 
 @dataclass
@@ -106,6 +106,11 @@ def check_flags(args: Args) -> None:
     require(args.task == "arithmetic" or args.ops == "+", f"--task sum adds numbers: --ops {args.ops} does not apply")
     require(args.supervision == "outcome" or not args.reward_model,
             "--reward-model scores whole completions: it is for --supervision outcome")
+    unused(args, "task", args.data is None, "with --data (it picks a built-in task)")
+    unused(args, "format_reward", not args.reward_model, "with --reward-model (it scores instead of the verifier)")
+    unused(args, "clip_eps_low clip_eps_high", args.num_iterations > 1 or mini_batch_size < n_batch,
+           "with one update per sampled batch (--num-iterations 1, one mini-batch): the ratio is 1, nothing is clipped")
+    unused(args, "rm_steps rm_learning_rate replay_fraction", bool(args.reward_model), "without --reward-model")
     require(args.beta > 0 or args.reward_model, "--iteration-steps resets pi_ref and retrains --reward-model: with "
             "--beta 0 and no reward model it would do nothing")
     require(not (args.fsdp and args.reward_model), "--fsdp with --reward-model: the reward model's training is not "

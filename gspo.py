@@ -41,7 +41,7 @@ from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, betwe
                       clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_model, load_policy,
                       log_metrics, log_samples, make_optimizer, parse_args, positive, prepare_output_dir,
                       prompt_length_check, reference_model, require, resume_state, save_checkpoint, save_pretrained,
-                      start_run, task_data)
+                      start_run, task_data, unused)
 
 
 @dataclass
@@ -79,6 +79,8 @@ def check_flags(args: Args) -> None:
     require(n_batch % mini_batch_size == 0 and mini_batch_size % args.micro_batch_size == 0,
             f"batch_size * group_size ({n_batch}) must be a multiple of --mini-batch-size ({mini_batch_size}), "
             f"which must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    unused(args, "clip_eps_low clip_eps_high", args.num_iterations > 1 or mini_batch_size < n_batch,
+           "with one update per sampled batch (--num-iterations 1, one mini-batch): the ratio is 1, nothing is clipped")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import tyro
 
 from common import RunError
-from plumbing import exit_on_error, read_metrics, require
+from plumbing import cli, exit_on_error, read_metrics, require
 
 # (title, the keys that can hold it: the first one a run logs is used, smoothed?). reward.py logs pair accuracies.
 PANELS = [("held-out accuracy", ("eval_accuracy", "eval_pair_accuracy"), False),
@@ -108,14 +108,23 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, smooth: int = 5) ->
     fig.text(0.5, 0.005, "time: the run's wall clock where it logs \"time\", else the sum of its step times "
              "(evaluation excluded)", ha="center", va="bottom", fontsize=8, color="gray")
     fig.tight_layout(rect=(0, 0.02, 1, 0.95))  # room for the legend above and the note below
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    except OSError as e:
+        raise RunError(f"--out {out}: could not write it ({e.strerror or e}); choose another path") from None
+    finally:
+        plt.close(fig)
     return out
+
+
+FORMATS = (".png", ".pdf", ".svg")
 
 
 def main(args: Args) -> Path:
     require(bool(args.runs), "give at least one run directory")
+    require(Path(args.out).suffix.lower() in FORMATS, f"--out {args.out}: the name picks the format; end it in "
+            f"{', '.join(FORMATS)}")
     require(not args.labels or len(args.labels) == len(args.runs),
             f"--labels: {len(args.labels)} given for {len(args.runs)} runs; give one per run, or none")
     runs = load_runs(args.runs)
@@ -128,4 +137,4 @@ def main(args: Args) -> Path:
 
 if __name__ == "__main__":
     with exit_on_error():
-        main(tyro.cli(Args, description=__doc__))
+        main(cli(Args, description=__doc__))

@@ -15,13 +15,18 @@ It imports the reader's helpers from common.py; common.py never imports this mod
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
 import copy
 import csv
 import dataclasses
 import errno
+import functools
 import importlib.util
+import inspect
+import io
+import itertools
 import json
 import math
 import os
@@ -32,8 +37,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
+import typing
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -380,24 +387,43 @@ def load_eval_set(eval_data: str | None, eval_size: int, digits: int, ops: str, 
 # line
 # ---------------------------------------------------------------------------------------------------------------
 
+_WRITING = [False]  # whether this run has written its directory: an error is then a fault during the run
+
+
 @contextlib.contextmanager
 def exit_on_error():
-    """For the command line: a RunError, a divergence or an interruption is one line on stderr and an exit status
-    (2, 1 and 130), not a traceback. Other exceptions are bugs and keep theirs."""
+    """For the command line: an error is one line on stderr and an exit status, not a traceback. 2: refused, and
+    nothing was written; 1: the run stopped on a fault or a divergence, its last checkpoint intact; 130:
+    interrupted. A missing optional package names what to install. Other exceptions are bugs and keep theirs."""
+    _WRITING[0] = False
     try:
         yield
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1 if _WRITING[0] else 2) from None
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ImportError as e:  # a package missing, or too old (transformers says which for GGUF files)
+        what = f"the {e.name} package is missing" if e.name else str(e).strip().splitlines()[0].rstrip(".")
+        print(f"error: {what}: pip install -r requirements.txt", file=sys.stderr)
+        raise SystemExit(1 if _WRITING[0] else 2) from None
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(130) from None
     except KeyboardInterrupt:
         print("stopped: interrupted; nothing was saved after the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def run_command(command: list, what: str, **kwargs) -> None:
+    """A benchmark's child run (a script through benchmarks/measure.py): its own error line is already on the
+    terminal; a failure stops the benchmark with one line more, saying how to continue."""
+    result = subprocess.run([str(c) for c in command], **kwargs)
+    if result.returncode:
+        _WRITING[0] = True  # the benchmark's runs have started: a fault during a run
+        raise RunError(f"{what} stopped (exit status {result.returncode}; its message is above); run this again with "
+                       f"the same --out to continue: finished runs are reused")
 
 
 # ---- flags -----------------------------------------------------------------------------------------------------
@@ -526,6 +552,7 @@ def check_args(args, **rules) -> None:
     (FLAG_RULES, by name), and the script's own flags in theirs (rules: name=at_least(1), ...; None means "off" where
     a flag allows it)."""
     rules = {**FLAG_RULES, **rules}
+    check_unused(args)
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
         flag = "--" + field.name.replace("_", "-")
@@ -541,6 +568,29 @@ def require(holds: bool, message: str) -> None:
     """A script's own condition on its flags."""
     if not holds:
         raise RunError(message)
+
+
+def unused(args, names: str, unless: bool, why: str) -> None:
+    """Refuse flags (space-separated names) given a value other than their default where they have no effect: a
+    typo or a misunderstanding is never silently ignored. `unless`: the condition under which they do matter."""
+    fields = type(args).__dataclass_fields__
+    given = [n for n in names.split() if n in fields and getattr(args, n) != fields[n].default]
+    if given and not unless:
+        flags = " ".join(f"--{n.replace('_', '-')} {getattr(args, n)}" for n in given)
+        raise RunError(f"{flags}: {'has' if len(given) == 1 else 'have'} no effect {why}; leave "
+                       f"{'it' if len(given) == 1 else 'them'} out")
+
+
+def check_unused(args) -> None:
+    """The shared flags that only matter with another: LoRA's with --lora-rank, --data's columns with a data file, the
+    built-in task's with the built-in task, the held-out set's with an evaluation."""
+    unused(args, "lora_alpha lora_dropout lora_target_modules merge_lora", args.lora_rank > 0, "without --lora-rank")
+    unused(args, "data_split", args.data is not None, "without --data")
+    unused(args, "prompt_field answer_field", args.data is not None or args.eval_data is not None,
+           "without --data or --eval-data")
+    unused(args, "eval_data_split", args.eval_data is not None, "without --eval-data")
+    unused(args, "digits ops", args.data is None, "with --data (they shape the built-in task)")
+    unused(args, "eval_data eval_data_split", args.eval_size > 0, "with --eval-size 0 (no held-out set)")
 
 
 def fit_to_batch(args, name: str, batch: int) -> None:
@@ -564,24 +614,130 @@ def start_run(args, script: str, check_flags=None, global_sizes: tuple[str, ...]
     (check_flags or check_args)(args)
     device = init_distributed(args.device, args.fsdp)
     check_world_size(**{name: getattr(args, name) for name in global_sizes if getattr(args, name) is not None})
+    start_tracker(args)
     set_seed(args.seed + rank())
     return checkpoint, device, resolve_dtype(args.dtype, device)
 
 
 def parse_args(Args, description: str | None = None, argv: list[str] | None = None):
     """The command line as an Args. With --resume <run>, the flags not given default to the run's own (its
-    args.json), so `--resume <run>` alone continues the run exactly as it was started."""
+    args.json), so `--resume <run>` alone continues the run exactly as it was started. --help is format_help's; a
+    flag that does not parse is one line naming it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     default = None
     resume = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else None
                    for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
     if resume and (run_dir := _run_dir_of(Path(resume))) is not None:
         default = Args(**_saved_args(run_dir, Args))
-    return tyro.cli(_own_flags_first(Args), args=argv, default=default, description=description)
+    return cli(_own_flags_first(Args), argv, default=default, description=description)
+
+
+def cli(Args, argv: list[str] | None = None, **kwargs):
+    """tyro.cli with format_help's --help, and its errors as one line (tyro draws a box of several): `error: <what>;
+    <prog> --help lists the flags`, exit status 2."""
+    prog = Path(sys.argv[0]).name
+    if "-h" in (argv := sys.argv[1:] if argv is None else list(argv)) or "--help" in argv:
+        print(format_help(Args, kwargs.get("description")))
+        raise SystemExit(0)
+    boxed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(boxed):
+            return tyro.cli(Args, args=argv, **kwargs)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        lines = [line.strip("│╭╰╮╯─━|+ ") for line in boxed.getvalue().splitlines()]
+        what = []
+        for line in [line for line in lines if line.strip("-")][1:]:  # the box's title first, then its message
+            if line.startswith(("For full helptext", "Argument helptext")):
+                break
+            what.append(line)
+        what = " ".join(what).rstrip(".") or "could not parse the command line"
+        print(f"error: {what}; {prog} --help lists the flags", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --help: the script's docstring, then its flags in groups, each flag one paragraph wrapped to the terminal.
+FLAG_GROUPS = {
+    "model and data": ("model", "data", "data_split", "prompt_field", "answer_field", "max_prompt_length",
+                       "truncate_prompts", "digits", "ops"),
+    "steps and optimiser": ("max_steps", "batch_size", "micro_batch_size", "learning_rate", "warmup_steps",
+                            "max_grad_norm", "seed"),
+    "sampling": ("max_new_tokens", "temperature", "top_p", "generation_batch_size"),
+    "held-out evaluation": ("eval_every", "eval_size", "eval_data", "eval_data_split"),
+    "run directory, checkpoints, tracking": ("output_dir", "save_every", "resume", "report_to"),
+    "hardware": ("device", "dtype", "gradient_checkpointing", "fsdp"),
+    "LoRA": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"),
+}
+
+
+def field_docs(Args) -> dict[str, str]:
+    """Each field's docstring (the string under it in the class body), the subclass's over its bases'."""
+    docs: dict[str, str] = {}
+    for cls in reversed([c for c in Args.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value,
+                                                                                               ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _metavar(kind) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+    if args and type(None) in typing.get_args(kind):
+        return _metavar(args[0]) + "|None"
+    if typing.get_origin(kind) in (tuple, list):
+        return _metavar(args[0]) + " ..."
+    return {int: "INT", float: "FLOAT", str: "STR"}.get(kind, getattr(kind, "__name__", str(kind)).upper())
+
+
+def format_help(Args, description: str | None = None, width: int | None = None) -> str:
+    """The script's docstring (prose paragraphs wrapped to the terminal, indented blocks such as equations kept as
+    written), then the flags: the script's own, then the shared ones in FLAG_GROUPS, one paragraph each."""
+    width = min(width or shutil.get_terminal_size((100, 24)).columns, 120)
+    hints, docs = typing.get_type_hints(Args, include_extras=False), field_docs(Args)
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    positional = [n for n, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    out = [" ".join([f"usage: {Path(sys.argv[0]).name} [-h] [--flag VALUE ...]",
+                     *(f"{n.upper()} ..." for n in positional)]), ""]
+    wrap = functools.partial(textwrap.wrap, width=width, break_on_hyphens=False, break_long_words=False)
+    for paragraph in (description or "").strip().split("\n\n"):
+        if paragraph.startswith("Usage:"):
+            out += [*paragraph.splitlines(), ""]  # commands: as written
+            continue
+        for indented, lines in itertools.groupby(paragraph.splitlines(), key=lambda line: line[:1].isspace()):
+            out += list(lines) if indented else wrap(" ".join(lines))  # equations and lists as written
+        out.append("")
+    shared = issubclass(Args, TrainArgs)
+    own = [n for n in fields if not shared or n not in SamplingArgs.__dataclass_fields__]
+    grouped = [n for names in FLAG_GROUPS.values() for n in names]
+    groups = {f"{Path(sys.argv[0]).stem}'s own flags" if shared else "flags": own, **FLAG_GROUPS,
+              "other": [n for n in fields if n not in own and n not in grouped]}
+    for title, names in groups.items():
+        names = [n for n in names if n in fields]
+        if not names:
+            continue
+        out.append(f"{title}:")
+        for name in names:
+            field, flag = fields[name], "--" + name.replace("_", "-")
+            if name in positional:
+                head, default = f"  {name.upper()} ...", None
+            else:
+                default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+                head = f"  {flag}, --no-{flag[2:]}" if hints[name] is bool else f"  {flag} {_metavar(hints[name])}"
+            if isinstance(default, (tuple, list)):
+                default = " ".join(map(str, default)) or "none"
+            text = (docs.get(name, "") + (f" (default: {default})" if name not in positional else "")).strip()
+            out += [head, *wrap(text, initial_indent=" " * 8, subsequent_indent=" " * 8)]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def _own_flags_first(Args):
-    """The script's own flags first, then the shared ones in their order: as --help lists them, and as a refused
+    """The script's own flags first, then the shared ones in their order: as tyro sees them, and as a refused
     resume names them."""
     own = [n for n in Args.__dict__.get("__annotations__", {}) if n not in TrainArgs.__dataclass_fields__]
     Args.__dataclass_fields__ = {**{n: Args.__dataclass_fields__[n] for n in own},
@@ -848,44 +1004,52 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
     out = Path(args.output_dir) if world_size() == 1 else Path(broadcast_object(args.output_dir))
     args.output_dir = str(out)
     if not is_main():  # rank 0 writes the run directory; the others only read from it
+        _WRITING[0] = True
         return out
-    report_to = _tracker_module(getattr(args, "report_to", "none"))  # a missing package: refused before writing
-    _TRACKERS.clear()
     _CLOCK[1] = 0.0
     step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
-    if args.resume is None:
+    run_dir = _run_dir_of(Path(args.resume)) if args.resume is not None else None
+    record = vars(args) if run_dir is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
+    record = dict(record, world_size=world_size())  # the processes of the run (of its latest start, if resumed)
+    if run_dir is None:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"--output-dir {out}: could not create it ({e.strerror or e}); choose another") from None
-    else:
-        run_dir = _run_dir_of(Path(args.resume))
-        if out.resolve() != run_dir.resolve():
-            out.mkdir(parents=True, exist_ok=True)
-            for item in run_dir.iterdir():  # data the run made (dpo's pairs.jsonl), and the checkpoint itself
-                if (item.is_file() and item.name not in ("args.json", "metrics.jsonl")
-                        and not item.name.endswith(".tmp")):
-                    shutil.copy2(item, out / item.name)
-            shutil.copytree(checkpoint, out / "checkpoint")
-        for stale in out.glob("*.tmp"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        if checkpoint is None:
-            tqdm.write(f"{run_dir} has no checkpoint (it stopped before its first): starting it over from step 0",
-                       file=sys.stderr)
-        for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint will be redone
-            log = run_dir / name
-            kept = [row for row in read_metrics(log) if row.get("step", 0) <= step] if log.exists() else []
-            kept = kept if checkpoint is not None else []
-            write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
-            if name == "metrics.jsonl":
-                _CLOCK[1] = max((row["time"] for row in kept if "time" in row), default=0.0)
-    record = vars(args) if args.resume is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
-    record = dict(record, world_size=world_size())  # the processes of the run (of its latest start, if resumed)
-    write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
-    if report_to is not None:
-        _TRACKERS.append(_open_tracker(report_to, out, record))
+    _WRITING[0] = True
+    try:
+        if run_dir is not None:
+            _continue_run_dir(run_dir, out, checkpoint, step)
+        write_atomic(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")  # resumed: the same flags
+    except OSError as e:  # a full disk, a read-only directory: the run it continues is intact
+        raise _write_error(out, e) from None
+    if getattr(args, "report_to", "none") == "tensorboard":  # it writes into the run directory
+        _TRACKERS.append(_open_tracker(_tracker_module("tensorboard"), out, record))
     _CLOCK[0] = time.time()
     return out
+
+
+def _continue_run_dir(run_dir: Path, out: Path, checkpoint: Path | None, step: int) -> None:
+    """A resumed run's directory: in place, or a copy of the run up to its checkpoint; the logged steps after the
+    checkpoint dropped (they will be redone) and stale temporaries removed."""
+    if out.resolve() != run_dir.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for item in run_dir.iterdir():  # data the run made (dpo's pairs.jsonl), and the checkpoint itself
+            if item.is_file() and item.name not in ("args.json", "metrics.jsonl") and not item.name.endswith(".tmp"):
+                shutil.copy2(item, out / item.name)
+        shutil.copytree(checkpoint, out / "checkpoint")
+    for stale in out.glob("*.tmp"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if checkpoint is None:
+        tqdm.write(f"{run_dir} has no checkpoint (it stopped before its first): starting it over from step 0",
+                   file=sys.stderr)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint will be redone
+        log = run_dir / name
+        kept = [row for row in read_metrics(log) if row.get("step", 0) <= step] if log.exists() else []
+        kept = kept if checkpoint is not None else []
+        write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
+        if name == "metrics.jsonl":
+            _CLOCK[1] = max((row["time"] for row in kept if "time" in row), default=0.0)
 
 
 def read_metrics(file: Path) -> list[dict]:
@@ -975,6 +1139,16 @@ def _tracker_module(report_to: str):
                        f"--report-to at none: metrics.jsonl has every number)") from None
 
 
+def start_tracker(args) -> None:
+    """--report-to's package imported, and a W&B or trackio run started, before the models load: one that is missing
+    or not logged in is refused at once, with nothing written. TensorBoard writes into the run directory: it starts
+    with it (prepare_output_dir)."""
+    _TRACKERS.clear()
+    module = _tracker_module(getattr(args, "report_to", "none"))
+    if module is not None and module.__name__ != "torch.utils.tensorboard" and is_main():
+        _TRACKERS.append(_open_tracker(module, Path(args.output_dir), dict(_as_json(args), world_size=world_size())))
+
+
 def _open_tracker(module, output_dir: Path, config: dict):
     """A function that sends one metrics row to TensorBoard (output_dir/tensorboard), Weights & Biases or trackio
     (project: $WANDB_PROJECT / $TRACKIO_PROJECT, default posttrain; run name: the run directory's)."""
@@ -989,7 +1163,13 @@ def _open_tracker(module, output_dir: Path, config: dict):
             writer.flush()
         return to_tensorboard
     project = os.environ.get(f"{module.__name__.upper()}_PROJECT", "posttrain")
-    module.init(project=project, name=output_dir.name, config=config)
+    try:
+        module.init(project=project, name=output_dir.name, config=config)
+    except Exception as e:  # noqa: BLE001 - not logged in, offline, a bad project: every one means no tracking
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise RunError(f"--report-to {module.__name__}: could not start a run ({first}); log in "
+                       f"(`{module.__name__} login`) or set it to offline mode, or leave --report-to at none "
+                       f"(metrics.jsonl has every number)") from None
     atexit.register(module.finish)
     return lambda row: module.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
@@ -1222,11 +1402,15 @@ class Steps:
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         self._started = time.time()
+        live = is_main() and sys.stderr.isatty()  # a log file gets the bar once, at the end, not every redraw
         try:
             for self._step in tqdm(range(self.start, self.stop), initial=self.start, total=self.stop, desc=self.desc,
-                                   disable=not is_main()):
+                                   disable=not live):
                 self._step_started = time.time()
                 yield self._step
+            if is_main() and not live:
+                print(tqdm.format_meter(self.stop, self.stop, time.time() - self._started, prefix=self.desc,
+                                        initial=self.start), file=sys.stderr)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -1315,6 +1499,7 @@ def with_lora(model, args, checkpoint: Path | None = None, task_type: str = "CAU
     except ImportError:
         raise RunError("--lora-rank needs the peft library: pip install peft") from None
     targets = args.lora_target_modules
+    check_lora_targets(model, targets)
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                         task_type=task_type)
@@ -1330,6 +1515,20 @@ def with_lora(model, args, checkpoint: Path | None = None, task_type: str = "CAU
     local = Path(args.model).expanduser()
     model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else args.model
     return model
+
+
+def check_lora_targets(model, targets: str) -> None:
+    """Every name in --lora-target-modules must name some module of the model (peft matches a module by the last
+    parts of its name): one typo in a list would otherwise leave that layer without adapters, silently."""
+    if targets == "all-linear":
+        return
+    names = {name for name, _ in model.named_modules()}
+    missing = [t for t in (t.strip() for t in targets.split(",")) if not any(
+        n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise RunError(f"--lora-target-modules {targets}: {', '.join(missing)} matches no module of the model "
+                       f"(its linear layers: {', '.join(linear)}; or all-linear)")
 
 
 @contextlib.contextmanager

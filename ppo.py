@@ -42,7 +42,8 @@ from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, betwe
                       clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, full_state_dict,
                       load_model, load_policy, load_reward_model, log_metrics, log_samples, make_optimizer,
                       optimizer_state, parse_args, positive, prepare_output_dir, prompt_length_check,
-                      read_trainer_state, reference_model, require, resume_state, save_pretrained, start_run, task_data)
+                      read_trainer_state, reference_model, require, resume_state, save_pretrained, start_run, task_data,
+                      unused)
 
 
 @dataclass
@@ -100,6 +101,8 @@ def check_flags(args: Args) -> None:
             "actor's backbone outside the actor's FSDP root; leave out one of them")
     require(not (args.lora_rank and args.shared_backbone), "--shared-backbone with --lora-rank: the critic would "
             "read the actor's frozen backbone and could learn only through the actor's adapters; leave out one of them")
+    unused(args, "kl_horizon", args.target_kl is not None, "without --target-kl (beta stays fixed)")
+    unused(args, "format_reward", not args.reward_model, "with --reward-model (it scores instead of the verifier)")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from common import (all_reduce, autocast, completion_logprobs, decode, encode_pr
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
                       clip_grad_norm, describe_run, distribute, exit_on_error, load_model, load_policy, log_metrics,
                       log_samples, make_optimizer, parse_args, prepare_output_dir, prompt_length_check, reference_model,
-                      require, resume_state, save_checkpoint, save_pretrained, start_run, task_data)
+                      require, resume_state, save_checkpoint, save_pretrained, start_run, task_data, unused)
 
 
 @dataclass
@@ -68,6 +68,7 @@ def check_flags(args: Args) -> None:
                baseline_decay=between(0, 1, hi_open=True))
     require(args.baseline != "rloo" or args.group_size >= 2, f"--baseline rloo needs --group-size >= 2 (got "
             f"{args.group_size}): the baseline of a sample is the mean of the others")
+    unused(args, "baseline_decay", args.baseline == "mean", f"with --baseline {args.baseline}")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from plumbing import (Steps, TrainArgs, all_reduce_gradients, check_args, check_
                       data_fields, describe_run, distribute, epochs, exit_on_error, fit_to_batch, hold_out, is_lora,
                       load_model, log_metrics, make_optimizer, note, parse_args, prepare_output_dir,
                       prompt_length_check, read_rows, require, resume_state, save_checkpoint, save_pretrained,
-                      start_run, with_lora)
+                      start_run, unused, with_lora)
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Args(TrainArgs):
 def check_flags(args: Args) -> None:
     """The reward model's flag rules, before anything is loaded: the shared ranges, whole micro-batches."""
     check_args(args)
+    unused(args, "chosen_field rejected_field", args.data is not None or args.eval_data is not None,
+           "without --data or --eval-data")
     fit_to_batch(args, "micro_batch_size", args.batch_size)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")

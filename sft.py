@@ -29,7 +29,7 @@ from common import (all_reduce, autocast, completion_logprobs, encode_completion
 from plumbing import (Steps, TrainArgs, all_reduce_gradients, at_least, check_args, check_finite, check_messages,
                       clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_policy, log_metrics,
                       make_optimizer, parse_args, prepare_output_dir, prompt_length_check, require, resume_state,
-                      save_checkpoint, save_pretrained, start_run, task_data)
+                      save_checkpoint, save_pretrained, start_run, task_data, unused)
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Args(TrainArgs):
 def check_flags(args: Args) -> None:
     """SFT's flag rules, before anything is loaded: the shared ranges and its own, whole micro-batches."""
     check_args(args, weight_decay=at_least(0))
+    unused(args, "completion_field", args.data is not None, "without --data")
     fit_to_batch(args, "micro_batch_size", args.batch_size)
     require(args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")

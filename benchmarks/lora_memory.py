@@ -13,15 +13,14 @@ switched off, and only the adapters have gradients and moments.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from plumbing import cli, exit_on_error, require, run_command  # noqa: E402
 
 RUNS = {
     "grpo": ["--batch-size", "2", "--group-size", "4", "--micro-batch-size", "8", "--max-new-tokens", "16"],
@@ -70,6 +69,9 @@ def _lora(model, rank: int):
 
 
 def main(args: Args) -> None:
+    unknown = [a for a in args.algorithms if a not in RUNS]
+    require(not unknown, f"--algorithms {' '.join(unknown)}: expected some of {' '.join(RUNS)}")
+    require(args.lora_rank >= 1 and args.steps >= 1, "--lora-rank and --steps must be >= 1")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -83,7 +85,7 @@ def main(args: Args) -> None:
                            *RUNS[algorithm], *lora, "--max-steps", str(args.steps), "--eval-size", "0",
                            "--save-every", "1000", "--output-dir", str(out / name), *args.extra]
                 print(" ".join(command), flush=True)
-                subprocess.run(command, cwd=ROOT, check=True)
+                run_command(command, f"{name}", cwd=ROOT)
             measured = json.loads(cost.read_text())
             rows.append({"run": name, "algorithm": algorithm, "lora_rank": rank, **state_bytes(algorithm, rank),
                          "peak_mib": measured.get("peak_cuda_mib", measured["peak_rss_mib"]),
@@ -99,4 +101,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    with exit_on_error():
+        main(cli(Args, description=__doc__))

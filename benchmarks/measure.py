@@ -19,6 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
+    if len(sys.argv) < 3 or not (Path(__file__).resolve().parents[1] / sys.argv[2]).is_file():
+        print("error: usage: python benchmarks/measure.py OUT.json SCRIPT.py [its flags ...], SCRIPT.py one of the "
+              "repository's scripts", file=sys.stderr)
+        raise SystemExit(2)
     out, script, *script_args = sys.argv[1:]
     sys.argv = [script, *script_args]
     start = time.time()

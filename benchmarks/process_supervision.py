@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import decode, encode_prompts, eval_problems, generate, is_correct, sum_steps  # noqa: E402
-from plumbing import DEFAULT_MODEL, load_model  # noqa: E402
+from plumbing import DEFAULT_MODEL, cli, exit_on_error, load_model, require  # noqa: E402
 
 SETTINGS = ["--task", "sum", "--digits", "1", "--batch-size", "4", "--group-size", "8", "--micro-batch-size", "16",
             "--max-new-tokens", "64", "--learning-rate", "1e-5"]
@@ -59,6 +58,7 @@ def held_out(model_dir: str, problems: list[dict]) -> dict:
 
 
 def main(args: Args) -> None:
+    require(args.steps >= 1 and args.eval_size >= 1, "--steps and --eval-size must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = eval_problems(args.eval_size, digits=1, task="sum")
@@ -73,7 +73,8 @@ def main(args: Args) -> None:
             print(" ".join(command), flush=True)
             runs[supervision] = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if any(run.wait() for run in runs.values()):
-        raise SystemExit("a training run failed")
+        require(False, "a training run stopped (its message is above); run this again with the same --out to "
+                       "continue: finished runs are reused")
     for supervision in ("outcome", "process"):
         run_dir = out / supervision
         log = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -96,4 +97,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(cli(Args, description=__doc__))

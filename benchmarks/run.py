@@ -15,17 +15,16 @@ plot.py's (skipped, with a note, when matplotlib is not installed).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from plot import NoMatplotlib, load_runs, plot_runs  # noqa: E402  (the repository root's plot.py)
+from plumbing import cli, exit_on_error, require, run_command  # noqa: E402
 
 # Per-algorithm settings: each script's defaults, with batch sizes cut so that the whole benchmark fits a few hours
 # of two CPU cores: 64 sampled completions per step for the group methods (8 prompts x 8), 32 rollouts for PPO
@@ -53,8 +52,8 @@ class Args:
     """held-out problems per evaluation"""
     seed: int = 0
     out: str | None = None
-    """where the run directories, results.json, results.md and the plots go (default: a fresh
-    benchmarks/results-<YYYYmmdd-HHMMSS>); an existing one is continued, its finished runs reused"""
+    """where the run directories, results.json, results.md and the plots go; None: a fresh
+    benchmarks/results-<YYYYmmdd-HHMMSS>. An existing one is continued, its finished runs reused"""
     extra: list[str] = field(default_factory=list)
     """more flags for every script, e.g. --extra=--dtype=bfloat16"""
 
@@ -67,11 +66,11 @@ def run(algorithm: str, args: Args, out: Path) -> dict:
                    "--eval-size", str(args.eval_size), "--seed", str(args.seed), "--output-dir", str(run_dir),
                    "--save-every", str(10 * args.steps), *args.extra]
         print(" ".join(command), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
+        run_command(command, f"{algorithm}.py", cwd=ROOT)
     # A finished run that went further than --steps (an earlier, longer benchmark) is read up to --steps.
     log = [m for line in open(run_dir / "metrics.jsonl") if (m := json.loads(line))["step"] <= args.steps]
     if log[-1]["step"] < args.steps:
-        raise SystemExit(f"{run_dir} stopped at step {log[-1]['step']} < --steps {args.steps}: delete it to rerun")
+        require(False, f"{run_dir} stopped at step {log[-1]['step']} < --steps {args.steps}: delete it to rerun")
     evals = [(m["step"], m["eval_accuracy"]) for m in log if "eval_accuracy" in m]
     steps = [m for m in log if "step_time" in m]
     mean = lambda key: sum(m[key] for m in steps if key in m) / max(1, sum(key in m for m in steps))  # noqa: E731
@@ -114,6 +113,10 @@ def table(results: list[dict]) -> str:
 
 
 def main(args: Args) -> None:
+    unknown = [a for a in args.algorithms if a not in SETTINGS]
+    require(not unknown, f"--algorithms {' '.join(unknown)}: expected some of {' '.join(SETTINGS)}")
+    require(args.steps >= 1 and args.eval_every >= 1 and args.eval_size >= 1,
+            "--steps, --eval-every and --eval-size must be >= 1")
     out = output_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     results = [run(algorithm, args, out) for algorithm in args.algorithms]
@@ -125,4 +128,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(cli(Args, description=__doc__))

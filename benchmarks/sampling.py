@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import tyro
 from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import autocast, encode_prompts, eos_token_ids, eval_problems, mask_after_eos  # noqa: E402
-from plumbing import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype  # noqa: E402
+from plumbing import DEFAULT_MODEL, cli, exit_on_error, load_model, require, resolve_device, resolve_dtype  # noqa: E402
 
 
 @dataclass
@@ -66,6 +65,8 @@ def time_generate(model, tokenizer, prompt_ids, prompt_mask, args: Args, device,
 
 
 def main(args: Args) -> None:
+    require(args.batch_sizes and min(args.batch_sizes) >= 1 and args.max_new_tokens >= 1 and args.repeats >= 1,
+            "--batch-sizes (one or more), --max-new-tokens and --repeats must be >= 1")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load_model(args.model, device)
@@ -99,4 +100,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with exit_on_error():
+        main(cli(Args, description=__doc__))

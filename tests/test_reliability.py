@@ -105,7 +105,7 @@ def test_bad_flags_and_models_are_refused_before_the_run_directory_exists(tmp_pa
 
 
 def test_eval_size_zero_means_no_evaluation(tmp_path, tiny_model_dir):
-    grpo.main(small_args(tmp_path, tiny_model_dir, eval_size=0, max_steps=2))
+    grpo.main(small_args(tmp_path, tiny_model_dir, eval_data=None, eval_size=0, max_steps=2))
     assert logged(tmp_path / "run", "eval_accuracy") == [None, None]
 
 

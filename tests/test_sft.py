@@ -207,7 +207,7 @@ def test_a_prompt_over_max_prompt_length_is_refused_unless_truncated(tmp_path, t
 
 
 def test_eval_size_0_disables_evaluation(tmp_path, tiny_model_dir):
-    sft.main(tiny_args(tmp_path, tiny_model_dir, eval_size=0, eval_every=1, max_steps=2))
+    sft.main(tiny_args(tmp_path, tiny_model_dir, eval_data=None, eval_size=0, eval_every=1, max_steps=2))
     log = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [row["step"] for row in log] == [1, 2] and not any("eval_accuracy" in row for row in log)
 

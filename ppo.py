@@ -19,6 +19,12 @@ four models, actor, critic, reference and reward, of the blog post "rl与post-tr
 (--shared-backbone); the head starts at zero, so early values are 0. With --lora-rank the actor trains LoRA adapters
 and pi_ref is the actor with them switched off; the critic, on its own copy, still trains every weight.
 
+PPO's other variant, --policy-loss penalty, has no clip: a KL penalty to pi_old takes its place in L, with a weight
+beta_pen adapted after each rollout's updates, from the KL they made, towards a target d_targ (--penalty-kl-target):
+
+    L_pen    = -E_t[ r_t A_t - beta_pen KL_t ],  KL_t = r_t - 1 - log r_t  (k3 of KL(pi_old || pi_theta))  [PPO-PENALTY]
+    beta_pen <- 2 beta_pen if KL > 1.5 d_targ,  beta_pen / 2 if KL < d_targ / 1.5,  else unchanged
+
 Every tag in brackets is defined, with its derivation and papers, in docs/equations.md.
 
 Usage: python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct
@@ -33,6 +39,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from statistics import fmean
+from typing import Literal
 
 import torch
 
@@ -57,8 +64,16 @@ class Args(SamplingArgs):
     """passes over each rollout"""
     mini_batch_size: int = 32
     """completions per optimiser step"""
+    policy_loss: Literal["clip", "penalty"] = "clip"
+    """clip: the clipped surrogate [PPO-CLIP]; penalty: the surrogate minus beta_pen KL(pi_old || pi_theta), beta_pen
+    adapted after every rollout [PPO-PENALTY]"""
     clip_eps: float = 0.2
-    """policy ratio clipped to [1 - clip_eps, 1 + clip_eps]"""
+    """policy ratio clipped to [1 - clip_eps, 1 + clip_eps] (--policy-loss clip)"""
+    penalty_kl_target: float = 0.01
+    """--policy-loss penalty: d_targ, the KL(pi_old || pi_theta) per token that a rollout's updates aim at; beta_pen
+    doubles when the KL measured after them is above 1.5 d_targ, halves below d_targ / 1.5"""
+    penalty_beta: float = 1.0
+    """--policy-loss penalty: the initial beta_pen, weight of KL(pi_old || pi_theta) in the loss"""
     clip_value: float | None = 0.2
     """value clipped to V_old +- clip_value in the value loss; None: unclipped"""
     vf_coef: float = 0.1
@@ -91,7 +106,13 @@ def check_flags(args: Args) -> None:
     """PPO's flags: their ranges, and the combinations it refuses."""
     check_args(args, ppo_epochs=at_least(1), mini_batch_size=at_least(1), clip_eps=positive, clip_value=positive,
                vf_coef=at_least(0), entropy_coef=at_least(0), beta=at_least(0), target_kl=positive,
-               kl_horizon=at_least(1), early_stop_kl=positive, gamma=between(0, 1), lam=between(0, 1))
+               kl_horizon=at_least(1), early_stop_kl=positive, gamma=between(0, 1), lam=between(0, 1),
+               penalty_kl_target=positive, penalty_beta=positive)
+    changed = [f"--{name.replace('_', '-')}" for name in ("clip_eps", "penalty_kl_target", "penalty_beta")
+               if getattr(args, name) != Args.__dataclass_fields__[name].default]
+    unused = [flag for flag in changed if flag.startswith("--penalty") == (args.policy_loss == "clip")]
+    require(not unused, f"{', '.join(unused)}: no effect with --policy-loss {args.policy_loss} (the penalty's flags "
+            f"apply to --policy-loss penalty, --clip-eps to clip); leave it out or change --policy-loss")
     fit_to_batch(args, "mini_batch_size", args.batch_size)
     fit_to_batch(args, "micro_batch_size", args.mini_batch_size)
     require(args.batch_size % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,
@@ -147,6 +168,27 @@ def policy_loss(logprobs, old_logprobs, advantages, clip_eps: float):
     """[IS-RATIO] r_t = exp(log pi_theta - log pi_old); [PPO-CLIP] per token -min(r A, clip(r, 1-eps, 1+eps) A)."""
     ratio = torch.exp(logprobs - old_logprobs)
     return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages), ratio
+
+
+def penalty_policy_loss(logprobs, old_logprobs, advantages, beta_pen: float):
+    """[IS-RATIO] r_t = exp(log pi_theta - log pi_old); [PPO-PENALTY] per token -(r A - beta_pen KL_t), KL_t the k3
+    estimate of KL(pi_old || pi_theta) on the token sampled from pi_old: r - 1 - log r. Both k1 = -log r and k3 have
+    the KL as their mean under pi_old, and so has their gradient (pi_old, not pi_theta, drew the tokens); k3 is also
+    >= 0 on every token, and its gradient (r - 1) grad log pi_theta is exactly 0 at pi_theta = pi_old, where k1's,
+    -grad log pi_theta, is noise of mean 0 that beta_pen would weigh against the advantage's signal."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    return -(ratio * advantages - beta_pen * (torch.expm1(log_ratio) - log_ratio)), ratio
+
+
+def adapt_penalty_beta(beta_pen: float, kl: float, kl_target: float) -> float:
+    """[PPO-PENALTY] (the PPO paper's rule, between rollouts): beta_pen doubles when the measured KL(pi_old ||
+    pi_theta) is above 1.5 d_targ, halves when it is below d_targ / 1.5, and stays as it is in between."""
+    if kl > 1.5 * kl_target:
+        return beta_pen * 2
+    if kl < kl_target / 1.5:
+        return beta_pen / 2
+    return beta_pen
 
 
 def value_loss(values, old_values, returns, clip_value: float | None):
@@ -229,13 +271,14 @@ def main(args: Args) -> dict:
     trained = torch.nn.ModuleList([model, critic])  # what the optimiser updates; .parameters(): a shared one once
     optimizer, scheduler = make_optimizer(trained, args)  # one AdamW, one schedule for the actor and the critic
     start_step, state = resume_state(checkpoint, trained, optimizer, scheduler)
-    beta = state.get("beta", args.beta)  # --target-kl adapts it: a resumed run goes on with its checkpoint's
+    beta, beta_pen = state.get("beta", args.beta), state.get("beta_pen", args.penalty_beta)  # as adapted so far
     describe_run("ppo", args, trained, device, dtype, f"{args.batch_size} prompts x 1 completion")  # with the critic
     problems = itertools.islice(problems, start_step * args.batch_size, None)  # the stream is the seed's
 
     run_eval = functools.partial(evaluate, model, tokenizer, eval_set, args.max_new_tokens,  # held-out, greedy
                                  args.generation_batch_size, device, dtype, args.max_prompt_length)
     progress = Steps(start_step, args.max_steps, "ppo", args.eval_every, args.save_every)  # Ctrl-C: save, stop
+    clip = args.policy_loss == "clip"  # [PPO-CLIP]; else [PPO-PENALTY]
     metrics: dict = {}
     if eval_set and args.eval_every and start_step == 0:
         metrics = {"step": 0, "eval_accuracy": run_eval()}
@@ -279,6 +322,8 @@ def main(args: Args) -> dict:
         # ---- 4. ppo_epochs passes, one optimiser step per mini-batch [PPO-TOTAL] ----------------------------------
         t1 = time.time()
         trained.train()
+        surrogate = (functools.partial(policy_loss, clip_eps=args.clip_eps) if clip  # --policy-loss
+                     else functools.partial(penalty_policy_loss, beta_pen=beta_pen))
         stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy",
                                  "approx_kl", "grad_norm")}
         mini_batches = (mini for _ in range(args.ppo_epochs)  # each pass: a fresh shuffle of this rank's rows
@@ -290,9 +335,9 @@ def main(args: Args) -> dict:
                 with autocast(device, dtype):
                     logprobs, entropy = logprobs_of(model, sequences, mb, args.temperature)
                     values = critic(*(t[mb] for t in sequences))
-                pg, ratio = policy_loss(logprobs, old_logprobs[mb], advantages[mb], args.clip_eps)  # [PPO-CLIP]
+                pg, ratio = surrogate(logprobs, old_logprobs[mb], advantages[mb])  # [PPO-CLIP] or [PPO-PENALTY]
                 vl, value_clipped = value_loss(values, old_values[mb], returns[mb], args.clip_value)  # [PPO-VALUE]
-                # [PPO-TOTAL] -L_clip + c1 L_V - c2 S, with the entropy S of pi_theta at each state [PPO-ENTROPY]
+                # [PPO-TOTAL] -L_clip (or L_pen) + c1 L_V - c2 S, with the entropy S of pi_theta [PPO-ENTROPY]
                 per_token = pg + args.vf_coef * vl - args.entropy_coef * entropy
                 loss = (per_token * mask[mb]).sum() / n_tok  # token mean over the mini-batch: this rank's share
                 loss.backward()
@@ -300,7 +345,8 @@ def main(args: Args) -> dict:
                 for key, value in (("loss", per_token), ("policy_loss", pg), ("value_loss", vl),
                                    ("approx_kl", torch.expm1(log_ratio) - log_ratio)):  # k3 of pi_old||pi
                     mini_stats[key] += ((value.detach() * mask[mb]).sum() / n_tok).item()
-                stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, mask[mb]).item())
+                if clip:  # tokens whose ratio left [1 - eps, 1 + eps]: an upper bound of the clipped ones
+                    stats["clip_frac"].append(masked_mean((ratio - 1).abs() > args.clip_eps, mask[mb]).item())
                 stats["value_clip_frac"].append(masked_mean(value_clipped, mask[mb]).item())
                 stats["entropy"].append(masked_mean(entropy.detach(), mask[mb]).item())
             all_reduce_gradients(model)  # the mini-batch's gradient: the sum of the ranks'
@@ -320,30 +366,36 @@ def main(args: Args) -> dict:
         kl_per_completion = gather(kl.sum(1)).mean().item()  # global: beta stays the same on every rank
         if args.target_kl is not None:  # [KL-ADAPTIVE]
             beta = adaptive_beta(beta, kl_per_completion, args.target_kl, args.kl_horizon, args.batch_size)
+        if not clip:  # [PPO-PENALTY]: the KL that the updates made, then beta_pen for the next rollout
+            stats["penalty_kl"] = [rollout_kl(model, sequences, old_logprobs, micro_batches, args.temperature, device,
+                                              dtype)]
+            beta_pen = adapt_penalty_beta(beta_pen, stats["penalty_kl"][0], args.penalty_kl_target)
 
         # ---- 5. log, evaluate, save ------------------------------------------------------------------------------
         samples = [{"prompt": p["prompt"], "completion": c, "answer": p["answer"], "reward": s}
                    for p, c, s in zip(batch[:4], completions, scores.tolist())]  # this rank's, before the gather
         metrics = metrics_row(step + 1, stats, scores, correct, kl, mask, old_values, returns, truncated, prompt_mask,
-                              kl_per_completion, beta, lr, t0, t_sample, t_train, args.ppo_epochs)
+                              kl_per_completion, beta, beta_pen, lr, t0, t_sample, t_train, args.ppo_epochs)
         if eval_set and progress.eval_due(step + 1):
             metrics["eval_accuracy"] = run_eval()
         log_samples(output_dir, step + 1, samples, show="eval_accuracy" in metrics)
         progress.write(log_metrics(output_dir, metrics, ("reward_mean", "accuracy", "kl_k1", "value_loss",
                                                          "explained_variance", "completion_len", "eval_accuracy")))
-        if progress.checkpoint_due(step + 1):  # every --save-every steps, and on Ctrl-C; with the critic and beta
+        if progress.checkpoint_due(step + 1):  # every --save-every steps, and on Ctrl-C; with the critic and betas
             save_pretrained(model, tokenizer, output_dir / "checkpoint",
                             {"step": step + 1, "optimizer": optimizer_state(trained, optimizer),
-                             "scheduler": scheduler.state_dict(), "beta": beta, "critic": full_state_dict(critic)})
+                             "scheduler": scheduler.state_dict(), "beta": beta, "beta_pen": beta_pen,
+                             "critic": full_state_dict(critic)})
             progress.stop_if_requested(step + 1, output_dir)
     save_pretrained(model, tokenizer, output_dir / "final", merge_lora=args.merge_lora)
     return metrics
 
 
 def metrics_row(step: int, stats: dict, scores, correct, kl, mask, old_values, returns, truncated, prompt_mask,
-                kl_per_completion: float, beta: float, lr: float, t0: float, t_sample: float, t_train: float,
-                ppo_epochs: int) -> dict:
-    """The step's line of metrics.jsonl: losses and statistics of every rank, rewards of the global batch."""
+                kl_per_completion: float, beta: float, beta_pen: float, lr: float, t0: float, t_sample: float,
+                t_train: float, ppo_epochs: int) -> dict:
+    """The step's line of metrics.jsonl: losses and statistics of every rank, rewards of the global batch; with
+    --policy-loss penalty, the KL the updates made (penalty_kl) and beta_pen after its adaptation."""
     lengths, truncated = gather(mask.sum(1).float()), gather(truncated)  # the global batch's
     scores, correct = gather(scores), gather(correct)
     n_tokens = int(lengths.sum())
@@ -352,6 +404,7 @@ def metrics_row(step: int, stats: dict, scores, correct, kl, mask, old_values, r
     return {"step": step, **stats, "reward_mean": scores.mean().item(), "reward_std": scores.std(correction=0).item(),
             "accuracy": correct.mean().item(), "kl_k1": masked_mean(*map(gather, (kl, mask))).item(),
             "kl_per_completion": kl_per_completion, "beta": beta,
+            **({"beta_pen": beta_pen} if "penalty_kl" in stats else {}),  # --policy-loss penalty: after adapting
             "explained_variance": explained_variance(*map(gather, (old_values, returns, mask))), "lr": lr,
             "completion_len": lengths.mean().item(), "completion_len_max": int(lengths.max()),
             "truncated_frac": truncated.float().mean().item(), "sample_tokens_per_s": int(n_tokens / t_sample),
@@ -362,6 +415,16 @@ def metrics_row(step: int, stats: dict, scores, correct, kl, mask, old_values, r
 def logprobs_of(model, sequences, rows, temperature: float):
     """(log pi(o_t | q, o_<t), entropy) for some rows of (prompt_ids, prompt_mask, completion_ids, completion_mask)."""
     return completion_logprobs(model, *(t[rows] for t in sequences), temperature)
+
+
+@torch.no_grad()
+def rollout_kl(model, sequences, old_logprobs, micro_batches, temperature: float, device, dtype) -> float:
+    """KL(pi_old || pi_theta) after a rollout's updates, the k3 estimate r - 1 - log r averaged over every token of
+    the global batch (the PPO paper's d, which [PPO-PENALTY] compares with d_targ): one more no-grad pass."""
+    with autocast(device, dtype):
+        logprobs = torch.cat([logprobs_of(model, sequences, mb, temperature)[0] for mb in micro_batches])
+    log_ratio, mask = logprobs - old_logprobs, sequences[3]
+    return all_reduce(((torch.expm1(log_ratio) - log_ratio) * mask).sum()) / max(all_reduce(mask.sum()), 1)
 
 
 if __name__ == "__main__":

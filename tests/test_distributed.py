@@ -45,8 +45,10 @@ RUNS = {
     "reinforce-rloo": ("reinforce", dict(RL, baseline="rloo"), TOY),
     "reinforce-reinforce++": ("reinforce", dict(RL, baseline="reinforce++", beta=0.04), TOY),
     "ppo": ("ppo", dict(RL, batch_size=8, mini_batch_size=8, group_size=None), TOY),
+    "rft-offline": ("rft", dict(RL, group_size=None, num_samples=4, num_prompts=8, micro_batch_size=4), TOY),
+    "rft-online": ("rft", dict(RL, group_size=None, num_samples=4, online=True, micro_batch_size=2), TOY),
 }
-FSDP = ["sft", "reward", "dpo", "grpo-grpo", "gspo", "reinforce-reinforce++", "ppo"]
+FSDP = ["sft", "reward", "dpo", "grpo-grpo", "gspo", "reinforce-reinforce++", "ppo", "rft-online"]
 
 
 def launch(specs: list[dict], path: Path, processes: int, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -150,7 +152,9 @@ def test_rl_scripts_learn_and_resume_under_torchrun(tmp_path, tiny_model_dir):
              "gspo": dict(max_steps=40, batch_size=8, group_size=8, micro_batch_size=16, learning_rate=1e-2),
              "reinforce": dict(max_steps=60, batch_size=8, group_size=8, micro_batch_size=32, learning_rate=5e-3,
                                baseline="rloo"),
-             "ppo": dict(max_steps=60, batch_size=32, mini_batch_size=16, micro_batch_size=16, learning_rate=2e-3)}
+             "ppo": dict(max_steps=60, batch_size=32, mini_batch_size=16, micro_batch_size=16, learning_rate=2e-3),
+             "rft": dict(max_steps=60, batch_size=8, num_samples=8, micro_batch_size=32, learning_rate=5e-3,
+                         online=True)}
     resume = dict(toy, max_steps=4, save_every=2, batch_size=4, group_size=4, micro_batch_size=8, learning_rate=1e-3)
     runs = [{"script": s, "args": dict(toy, **a, output_dir=str(tmp_path / s))} for s, a in learn.items()]
     sampled = dict(toy, max_steps=3, batch_size=4, group_size=4, micro_batch_size=8, learning_rate=1e-3,
@@ -163,7 +167,7 @@ def test_rl_scripts_learn_and_resume_under_torchrun(tmp_path, tiny_model_dir):
     done = launch(runs, tmp_path / "learn.json", 2)
     assert done.returncode == 0, done.stderr[-4000:]
     for script in learn:
-        rewards = logged(tmp_path / script, "reward_mean")
+        rewards = logged(tmp_path / script, "accuracy" if script == "rft" else "reward_mean")  # rft: I(o), no reward
         assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-4:]) / 4 > 0.6, (script, rewards)
     assert_same_run(tmp_path / "whole", tmp_path / "resumed", atol=0, gradients=False)
     # FSDP samples (every forward collective, ranks stopping at different lengths) and evaluates as replicated does

@@ -92,6 +92,46 @@ def test_ppo_clip_zero_gradient_region(log_ratio, advantage, has_gradient):
     assert (logprobs.grad.abs().item() > 0) == has_gradient
 
 
+def test_penalty_loss_per_token_by_hand():
+    """[PPO-PENALTY] -(r A - beta_pen (r - 1 - log r)) on three tokens with ratios 1, 2 and 1/2, and its gradient
+    -(r A - beta_pen (r - 1)) with respect to log pi_theta: the KL term pulls only where pi_theta has left pi_old."""
+    log2 = math.log(2)
+    old = torch.tensor([-1.0, -2.0, -0.5])
+    logprobs = (old + torch.tensor([0.0, log2, -log2])).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0, 2.0])
+    loss, ratio = ppo.penalty_policy_loss(logprobs, old, advantages, beta_pen=0.5)
+    torch.testing.assert_close(ratio, torch.tensor([1.0, 2.0, 0.5]).detach())
+    expected = [-(1 * 1 - 0.5 * 0), -(2 * -1 - 0.5 * (2 - 1 - log2)), -(0.5 * 2 - 0.5 * (0.5 - 1 + log2))]
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    loss.sum().backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([-1.0, -(-2 - 0.5 * 1), -(1 - 0.5 * -0.5)]))
+
+
+def test_penalty_term_averaged_over_pi_old_is_the_exact_kl_and_its_gradient():
+    """On a categorical policy over 6 tokens: the KL term of every token weighed by pi_old (the tokens' sampling
+    distribution) is KL(pi_old || pi_theta) exactly, value and gradient."""
+    gen = torch.Generator().manual_seed(0)
+    old = torch.log_softmax(torch.randn(6, generator=gen), 0)
+    logits = torch.randn(6, generator=gen, requires_grad=True)
+    theta = torch.log_softmax(logits, 0)
+    per_token, _ = ppo.penalty_policy_loss(theta, old, torch.zeros(6), beta_pen=1.0)  # A = 0: the KL term alone
+    expected = (old.exp() * per_token).sum()
+    exact = (old.exp() * (old - theta)).sum()  # KL(pi_old || pi_theta)
+    torch.testing.assert_close(expected, exact)
+    g_expected, = torch.autograd.grad(expected, logits, retain_graph=True)
+    g_exact, = torch.autograd.grad(exact, logits)
+    torch.testing.assert_close(g_expected, g_exact)
+
+
+@pytest.mark.parametrize("kl, expected", [
+    (0.016, 2.0), (0.5, 2.0),  # above 1.5 d_targ: doubled
+    (0.0066, 0.5), (0.0, 0.5),  # below d_targ / 1.5: halved
+    (0.01, 1.0), (0.0067, 1.0), (0.015, 1.0),  # in between, both ends included: unchanged
+])
+def test_penalty_beta_doubles_halves_or_stays_by_the_papers_rule(kl, expected):
+    assert ppo.adapt_penalty_beta(1.0, kl, kl_target=0.01) == expected
+
+
 def test_adaptive_beta_moves_towards_the_target_and_is_bounded():
     assert ppo.adaptive_beta(0.1, kl=2.0, target_kl=1.0, horizon=100, n_samples=10) == pytest.approx(0.1 * 1.02)
     assert ppo.adaptive_beta(0.1, kl=0.5, target_kl=1.0, horizon=100, n_samples=10) == pytest.approx(0.1 * 0.98)
@@ -142,6 +182,19 @@ def test_ppo_learns_the_toy_task_and_its_critic_explains_the_returns(tmp_path, t
     assert sum(explained) / len(explained) > 0.1
 
 
+def test_ppo_with_the_kl_penalty_learns_and_adapts_beta_pen_after_every_rollout(tmp_path, tiny_model_dir):
+    """--policy-loss penalty: no clip; the logged beta_pen follows the rule from the KL that each rollout's updates
+    made. (Seed 0: the reward goes from ~0.02 to ~0.8 in 30 steps, beta_pen from 0.5 up to 8 and back down.)"""
+    ppo.main(toy_args(tmp_path, tiny_model_dir, policy_loss="penalty", max_steps=30))
+    rewards = logged(tmp_path / "run", "reward_mean")
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.7
+    beta_pen, kl = logged(tmp_path / "run", "beta_pen"), logged(tmp_path / "run", "penalty_kl")
+    assert beta_pen == [ppo.adapt_penalty_beta(b, d, 0.01) for b, d in zip([1.0] + beta_pen[:-1], kl)]
+    assert len(set(beta_pen)) > 2 and max(kl) > 0.015  # it moved both ways
+    assert logged(tmp_path / "run", "clip_frac") == [None] * 30  # nothing is clipped
+
+
 def test_ppo_with_a_shared_backbone_learns(tmp_path, tiny_model_dir):
     ppo.main(toy_args(tmp_path, tiny_model_dir, shared_backbone=True))
     assert sum(logged(tmp_path / "run", "reward_mean")[-4:]) / 4 > 0.8
@@ -163,10 +216,13 @@ def test_ppo_runs_with_a_reward_model_from_reward_py(tmp_path, tiny_model_dir):
     assert math.isfinite(last["reward_mean"]) and last["beta"] != 0.05  # scored by the model, beta adapted
 
 
-def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    """Bit-exact: the critic (head and its own backbone) and the adapted beta travel in the checkpoint."""
+@pytest.mark.parametrize("policy_loss", ["clip", "penalty"])
+def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, policy_loss):
+    """Bit-exact: the critic (head and its own backbone) and the adapted beta (and beta_pen) travel in the
+    checkpoint."""
     args = dict(max_steps=4, save_every=2, batch_size=16, mini_batch_size=8, micro_batch_size=8, learning_rate=1e-2,
-                max_new_tokens=1, format_reward=1.0, target_kl=0.01)  # one token: a digit ~1 in 8, rewards not all 0
+                max_new_tokens=1, format_reward=1.0, target_kl=0.01,  # one token: a digit ~1 in 8, rewards not all 0
+                policy_loss=policy_loss)
     ppo.main(toy_args(tmp_path, tiny_model_dir, **args))
     ppo.main(toy_args(tmp_path, tiny_model_dir, resume=str(tmp_path / "run"), output_dir=str(tmp_path / "resumed"),
                       **args))
@@ -178,6 +234,7 @@ def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
             for run in (tmp_path / "run", tmp_path / "resumed")]
     assert rows[0] == rows[1] and len(rows[0]) == 4  # value_loss and beta too: the critic and beta were restored
     assert rows[0][-1]["beta"] != 0.05 and rows[0][-1]["value_loss"] > 0
+    assert ("beta_pen" in rows[0][-1]) == (policy_loss == "penalty")
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -185,6 +242,9 @@ def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     (dict(mini_batch_size=12), r"--batch-size \(32\) must be a multiple of --mini-batch-size \(12\)"),
     (dict(clip_value=-1.0), "--clip-value"), (dict(vf_coef=float("inf")), "--vf-coef inf: must be a finite number"),
     (dict(lora_rank=8, shared_backbone=True), "--shared-backbone with --lora-rank"),
+    (dict(penalty_beta=2.0), "--penalty-beta: no effect with --policy-loss clip"),
+    (dict(policy_loss="penalty", clip_eps=0.1), "--clip-eps: no effect with --policy-loss penalty"),
+    (dict(policy_loss="penalty", penalty_kl_target=0.0), "--penalty-kl-target 0.0: must be > 0"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, flag, message):
     with pytest.raises(common.RunError, match=message):

@@ -45,6 +45,7 @@ RUNS = {
     "reinforce-rloo": ("reinforce", dict(RL, baseline="rloo"), TOY),
     "reinforce-reinforce++": ("reinforce", dict(RL, baseline="reinforce++", beta=0.04), TOY),
     "ppo": ("ppo", dict(RL, batch_size=8, mini_batch_size=8, group_size=None), TOY),
+    "trpo": ("trpo", dict({k: v for k, v in RL.items() if k != "learning_rate"}, max_kl=0.05), TOY),  # no optimiser
 }
 FSDP = ["sft", "reward", "dpo", "grpo-grpo", "gspo", "reinforce-reinforce++", "ppo"]
 

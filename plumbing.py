@@ -1355,12 +1355,14 @@ def make_optimizer(model, args, weight_decay: float = 0.0):
 
 def resume_state(checkpoint: Path | None, model, optimizer, scheduler) -> tuple[int, dict]:
     """(the step to start from, the checkpoint's trainer state): a resumed run's optimiser and schedule as they were
-    at its checkpoint; (0, {}) for a fresh start."""
+    at its checkpoint; (0, {}) for a fresh start. A script with no optimiser (trpo.py moves the weights itself)
+    passes None for both."""
     if checkpoint is None:
         return 0, {}
     state = load_trainer_state(checkpoint)
-    load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if optimizer is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
     if is_main():
         tqdm.write(f"resuming {checkpoint.parent} from its checkpoint after step {state['step']}")
     return state["step"], state
@@ -1369,10 +1371,12 @@ def resume_state(checkpoint: Path | None, model, optimizer, scheduler) -> tuple[
 def save_checkpoint(step: int, model, tokenizer, optimizer, scheduler, output_dir: Path, state: dict | None = None,
                     extra: dict | None = None) -> None:
     """checkpoint/: the model, the optimiser and the schedule after `step` (and a script's own state and extra
-    models), replaced atomically; what --resume continues from."""
-    save_pretrained(model, tokenizer, output_dir / "checkpoint", {
-        "step": step, "optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
-        **(state or {})}, extra)
+    models), replaced atomically; what --resume continues from. optimizer and scheduler None: a script with no
+    optimiser (trpo.py), whose checkpoint is the weights, the step and the random state."""
+    optimizer_part = {} if optimizer is None else {"optimizer": optimizer_state(model, optimizer),
+                                                   "scheduler": scheduler.state_dict()}
+    save_pretrained(model, tokenizer, output_dir / "checkpoint", {"step": step, **optimizer_part, **(state or {})},
+                    extra)
 
 
 # ---- the step loop ---------------------------------------------------------------------------------------------

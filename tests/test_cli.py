@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sft.py", "reinforce.py", "ppo.py", "reward.py", "grpo.py", "grpo_iterative.py", "gspo.py", "dpo.py",
-           "rft.py"]
+           "rft.py", "trpo.py"]
 
 
 def args_fields(script: str) -> dict[str, bool]:

@@ -47,6 +47,7 @@ RUNS = {
     "ppo": ("ppo", dict(RL, batch_size=8, mini_batch_size=8, group_size=None), TOY),
     "rft-offline": ("rft", dict(RL, group_size=None, num_samples=4, num_prompts=8, micro_batch_size=4), TOY),
     "rft-online": ("rft", dict(RL, group_size=None, num_samples=4, online=True, micro_batch_size=2), TOY),
+    "trpo": ("trpo", dict({k: v for k, v in RL.items() if k != "learning_rate"}, max_kl=0.05), TOY),  # no optimiser
 }
 FSDP = ["sft", "reward", "dpo", "grpo-grpo", "gspo", "reinforce-reinforce++", "ppo", "rft-online"]
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sft.py", "reinforce.py", "ppo.py", "reward.py", "grpo.py", "grpo_iterative.py", "gspo.py", "dpo.py",
-           "rft.py"]
+           "rft.py", "trpo.py"]
 TAG = re.compile(r"\[([A-Z][A-Z0-9]*(?:[-+][A-Z0-9]*)+|[A-Z]{2,}[A-Z0-9+]*)\]")
 
 

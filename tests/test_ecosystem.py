@@ -303,7 +303,7 @@ def test_a_resume_drops_the_samples_logged_after_its_checkpoint(tmp_path, tiny_m
 # ---- --help ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", ["sft", "reward", "dpo", "grpo", "grpo_iterative", "gspo", "reinforce", "ppo",
-                                    "rft"])
+                                    "rft", "trpo"])
 def test_help_has_the_description_and_each_default_once(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit):

@@ -17,7 +17,7 @@ from helpers import toy_task
 import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["sft", "reinforce", "ppo", "reward", "grpo", "grpo_iterative", "gspo", "dpo", "rft"]
+SCRIPTS = ["sft", "reinforce", "ppo", "reward", "grpo", "grpo_iterative", "gspo", "dpo", "rft", "trpo"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -72,6 +72,7 @@ def one_step(script: str, tmp_path: Path) -> list[str]:
         "grpo_iterative": [*rl, "--group-size", "2", "--iteration-steps", "1"],
         "gspo": [*rl, "--group-size", "2", "--mini-batch-size", "4"],
         "reinforce": [*rl, "--group-size", "2"],
+        "trpo": [*rl, "--group-size", "2", "--cg-iters", "2"],
         "ppo": [*rl, "--batch-size", "4", "--mini-batch-size", "4"],
         "rft": [*rl, "--online", "--num-samples", "2"],
     }[script]]

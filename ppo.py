@@ -108,11 +108,8 @@ def check_flags(args: Args) -> None:
                vf_coef=at_least(0), entropy_coef=at_least(0), beta=at_least(0), target_kl=positive,
                kl_horizon=at_least(1), early_stop_kl=positive, gamma=between(0, 1), lam=between(0, 1),
                penalty_kl_target=positive, penalty_beta=positive)
-    changed = [f"--{name.replace('_', '-')}" for name in ("clip_eps", "penalty_kl_target", "penalty_beta")
-               if getattr(args, name) != Args.__dataclass_fields__[name].default]
-    unused = [flag for flag in changed if flag.startswith("--penalty") == (args.policy_loss == "clip")]
-    require(not unused, f"{', '.join(unused)}: no effect with --policy-loss {args.policy_loss} (the penalty's flags "
-            f"apply to --policy-loss penalty, --clip-eps to clip); leave it out or change --policy-loss")
+    unused(args, "penalty_kl_target penalty_beta", args.policy_loss == "penalty", "with --policy-loss clip")
+    unused(args, "clip_eps", args.policy_loss == "clip", "with --policy-loss penalty (it does not clip)")
     fit_to_batch(args, "mini_batch_size", args.batch_size)
     fit_to_batch(args, "micro_batch_size", args.mini_batch_size)
     require(args.batch_size % args.mini_batch_size == 0 and args.mini_batch_size % args.micro_batch_size == 0,

@@ -40,7 +40,7 @@ from common import (RunError, all_reduce, autocast, completion_logprobs, decode,
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, check_args, check_finite, clip_grad_norm,
                       describe_run, distribute, epochs, exit_on_error, fit_to_batch, load_policy, log_metrics,
                       log_samples, make_optimizer, note, parse_args, prepare_output_dir, prompt_length_check,
-                      read_jsonl, require, resume_state, save_checkpoint, save_pretrained, start_run, task_data,
+                      read_jsonl, require, resume_state, save_checkpoint, save_pretrained, start_run, task_data, unused,
                       write_atomic)
 
 DATA_FILE = "rft_data.jsonl"  # offline: the kept samples, in the run directory
@@ -64,9 +64,7 @@ def check_flags(args: Args) -> None:
     fit_to_batch(args, "micro_batch_size", args.batch_size * (args.num_samples if args.online else 1))
     require(args.online or args.batch_size % args.micro_batch_size == 0,
             f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
-    require(not args.online or args.num_prompts == Args.__dataclass_fields__["num_prompts"].default,
-            f"--num-prompts {args.num_prompts}: no effect with --online (every step samples --batch-size new "
-            f"prompts); leave it out")
+    unused(args, "num_prompts", not args.online, "with --online (every step samples --batch-size new prompts)")
 
 
 # ---- the math: one function per equation --------------------------------------------------------------------------

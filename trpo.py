@@ -45,12 +45,12 @@ from statistics import fmean
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import (all_reduce, autocast, decode, encode_prompts, evaluate, forward_pass, gather, generate,
-                    is_correct, masked_mean, parse_number, rank, share, world_size)
-from plumbing import (SamplingArgs, Steps, TrainArgs, all_reduce_gradients, at_least, between, check_args,
-                      check_finite, describe_run, distribute, exit_on_error, load_policy, log_metrics, log_samples,
-                      parse_args, positive, prepare_output_dir, prompt_length_check, require, resume_state,
-                      save_checkpoint, save_pretrained, start_run, task_data)
+from common import (all_reduce, autocast, decode, encode_prompts, evaluate, forward_pass, gather, generate, is_correct,
+                    masked_mean, parse_number, rank, share, world_size)
+from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
+                      describe_run, distribute, exit_on_error, load_policy, log_metrics, log_samples, parse_args,
+                      positive, prepare_output_dir, prompt_length_check, require, resume_state, save_checkpoint,
+                      save_pretrained, start_run, task_data, unused)
 
 
 @dataclass
@@ -80,10 +80,8 @@ def check_flags(args: Args) -> None:
                backtracks=at_least(0), backtrack_ratio=between(0, 1, lo_open=True, hi_open=True))
     require(args.group_size >= 2, f"--group-size {args.group_size}: must be >= 2 (a reward centred on a group of "
             f"one is 0)")
-    for name in ("learning_rate", "warmup_steps", "max_grad_norm"):
-        require(getattr(args, name) == TrainArgs.__dataclass_fields__[name].default,
-                f"--{name.replace('_', '-')} {getattr(args, name)}: TRPO has no optimiser; the step's size is set by "
-                f"--max-kl")
+    unused(args, "learning_rate warmup_steps max_grad_norm", False, "in TRPO, which has no optimiser (--max-kl sets "
+           "the step's size)")
     require(not args.fsdp, "--fsdp: TRPO solves for one flat vector of all trained weights (conjugate gradient, line "
             "search), which FSDP's shards do not give; run without --fsdp (each process holds the whole model)")
     require(not args.gradient_checkpointing, "--gradient-checkpointing: Fisher-vector products differentiate the KL "

@@ -242,8 +242,8 @@ def test_ppo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, po
     (dict(mini_batch_size=12), r"--batch-size \(32\) must be a multiple of --mini-batch-size \(12\)"),
     (dict(clip_value=-1.0), "--clip-value"), (dict(vf_coef=float("inf")), "--vf-coef inf: must be a finite number"),
     (dict(lora_rank=8, shared_backbone=True), "--shared-backbone with --lora-rank"),
-    (dict(penalty_beta=2.0), "--penalty-beta: no effect with --policy-loss clip"),
-    (dict(policy_loss="penalty", clip_eps=0.1), "--clip-eps: no effect with --policy-loss penalty"),
+    (dict(penalty_beta=2.0), "--penalty-beta 2.0: has no effect with --policy-loss clip"),
+    (dict(policy_loss="penalty", clip_eps=0.1), "--clip-eps 0.1: has no effect with --policy-loss penalty"),
     (dict(policy_loss="penalty", penalty_kl_target=0.0), "--penalty-kl-target 0.0: must be > 0"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, flag, message):

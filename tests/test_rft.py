@@ -176,7 +176,7 @@ def test_rft_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, on
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, message", [
-    (dict(num_prompts=64), "--num-prompts 64: no effect with --online"),
+    (dict(num_prompts=64), "--num-prompts 64: has no effect with --online"),
     (dict(num_samples=0), "--num-samples 0: must be >= 1"),
     (dict(online=False, batch_size=8, micro_batch_size=3), "--batch-size 8 must be a multiple of --micro-batch-size 3"),
     (dict(temperature=0.0), "--temperature 0.0: must be > 0"),

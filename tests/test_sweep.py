@@ -19,8 +19,8 @@ from helpers import toy_task
 import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["sft", "reinforce", "ppo", "reward", "grpo", "grpo_iterative", "gspo", "dpo"]
-GROUPS = {"reinforce", "grpo", "grpo_iterative", "gspo"}  # scripts that sample groups of completions: --group-size
+SCRIPTS = ["sft", "reinforce", "ppo", "reward", "grpo", "grpo_iterative", "gspo", "dpo", "rft", "trpo"]
+GROUPS = {"reinforce", "grpo", "grpo_iterative", "gspo", "trpo"}  # scripts that sample groups of completions: --group-size
 
 
 def run_entry(path: Path, argv: list[str], capsys) -> tuple[int, str]:
@@ -80,20 +80,24 @@ REFUSALS = [
     ("a data file whose reader is not installed", ["--data", "rows.parquet"], "pip install datasets"),
 ]
 
-OWN_FLAGS_WITHOUT_EFFECT = {  # each script's own flag that a combination makes do nothing
+OWN_FLAGS_WITHOUT_EFFECT = {  # each script's own flags that a combination makes do nothing
     "sft": (["--completion-field", "output"], "--completion-field output: has no effect without --data"),
     "reinforce": (["--baseline-decay", "0.5"], "--baseline-decay 0.5: has no effect with --baseline rloo"),
-    "ppo": (["--kl-horizon", "500"], "--kl-horizon 500: has no effect without --target-kl"),
+    "ppo": (["--kl-horizon", "500"], "--kl-horizon 500: has no effect without --target-kl",
+            ["--penalty-beta", "2"], "--penalty-beta 2.0: has no effect with --policy-loss clip"),
     "reward": (["--chosen-field", "good"], "--chosen-field good: has no effect without --data"),
     "grpo": (["--clip-eps-high", "0.28"], "--clip-eps-high 0.28: has no effect with one update per sampled batch"),
     "grpo_iterative": (["--rm-steps", "3"], "--rm-steps 3: has no effect without --reward-model"),
     "gspo": (["--format-reward", "0.1", "--group-size", "1"], "--group-size 1: must be >= 2"),
     "dpo": (["--data", "toy.jsonl", "--num-samples", "4"], "--num-samples 4: has no effect with --data"),
+    "rft": (["--online", "--num-prompts", "8"], "--num-prompts 8: has no effect with --online"),
+    "trpo": (["--learning-rate", "0.001"], "--learning-rate 0.001: has no effect in TRPO"),
 }
 
 
 OVERRIDES = {  # where a script refuses the case for a reason of its own, first
     ("grpo_iterative", "a LoRA target that matches nothing"): "--iteration-steps with --lora-rank",
+    ("trpo", "--fsdp without torchrun"): "--fsdp: TRPO solves for one flat vector",
 }
 
 
@@ -129,7 +133,8 @@ def prepared(tmp_path: Path, monkeypatch) -> None:
 def test_every_mistake_is_one_line_and_writes_nothing(script, tmp_path, monkeypatch, capsys, tiny_model_dir):
     prepared(tmp_path, monkeypatch)
     failures = []
-    cases = [*REFUSALS, ("its own flag without effect", *OWN_FLAGS_WITHOUT_EFFECT[script])]
+    own = OWN_FLAGS_WITHOUT_EFFECT[script]  # (flags, what the line names), one pair or more
+    cases = [*REFUSALS, *((f"its own flag without effect {i}", *own[i:i + 2]) for i in range(0, len(own), 2))]
     for case, extra, says in cases:
         says = OVERRIDES.get((script, case), says)
         status, err = run_entry(ROOT / f"{script}.py", merged(base_flags(script, tiny_model_dir), extra), capsys)

@@ -128,7 +128,8 @@ def test_group_centred_advantages_sum_to_zero_per_group():
 
 def toy_args(tmp_path, model_dir, **kw):
     data = toy_task(tmp_path)
-    defaults = dict(model=model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"), max_steps=25,
+    defaults = dict(model=model_dir, data=data, eval_data=data if kw.get("eval_size") != 0 else None,
+                    output_dir=str(tmp_path / "run"), max_steps=25,
                     batch_size=8, group_size=8, micro_batch_size=32, max_kl=0.2, cg_iters=4, max_new_tokens=3,
                     temperature=1.0, eval_every=0, save_every=1000)
     return trpo.Args(**{**defaults, **kw})
@@ -241,7 +242,7 @@ def test_with_lora_only_the_adapters_move_within_the_trust_region(tmp_path, lora
 
 @pytest.mark.parametrize("flag, match", [
     (dict(fsdp=True), "--fsdp: TRPO solves for one flat vector"),
-    (dict(learning_rate=1e-3), "--learning-rate 0.001: TRPO has no optimiser"),
+    (dict(learning_rate=1e-3), "--learning-rate 0.001: has no effect in TRPO, which has no optimiser"),
     (dict(gradient_checkpointing=True), "--gradient-checkpointing: Fisher-vector products"),
     (dict(group_size=1), "--group-size 1: must be >= 2"),
     (dict(max_kl=0.0), "--max-kl 0.0: must be > 0"),

@@ -40,20 +40,23 @@ from process_supervision import held_out  # noqa: E402  (greedy final-answer and
 class Args:
     model: str = DEFAULT_MODEL
     """the model SFT starts from, and the PPO family"""
-    sft_steps: int = 30
-    """SFT steps (16 worked sums each) that make the starting model of the four sum arms"""
+    sft_steps: int = 3
+    """SFT steps (16 worked sums each) that make the starting model of the four sum arms: few, so that it starts
+    well short of what the task allows (20 steps reach 90% and leave the arms nothing to separate them)"""
     steps: int = 8
     """sampling steps of every arm"""
     prompts: int = 4
     """prompts per step (offline RFT: steps x prompts prompts, sampled once)"""
     samples: int = 8
     """completions per prompt"""
-    eval_size: int = 100
+    eval_size: int = 40
     """held-out problems for every evaluation"""
-    eval_every: int = 4
+    eval_every: int = 2
     """steps between held-out evaluations (final-answer accuracy over steps)"""
     ppo_family: bool = True
     """also run PPO-clip, PPO-penalty and TRPO on two-digit addition"""
+    cg_iters: int = 5
+    """TRPO's conjugate-gradient iterations (each a double-backward pass over the batch: the step's main cost)"""
     seed: int = 0
     out: str = "benchmarks/results-unified"
     """where the run directories, the data, results.json and results.md go"""
@@ -107,8 +110,9 @@ def curve(run_dir: Path) -> list:
 
 
 def main(args: Args) -> None:
-    require(min(args.sft_steps, args.steps, args.prompts, args.samples, args.eval_size, args.eval_every) >= 1,
-            "--sft-steps, --steps, --prompts, --samples, --eval-size and --eval-every must be >= 1")
+    require(min(args.sft_steps, args.steps, args.prompts, args.samples, args.eval_size, args.eval_every,
+                args.cg_iters) >= 1,
+            "--sft-steps, --steps, --prompts, --samples, --eval-size, --eval-every and --cg-iters must be >= 1")
     require(args.samples >= 2, "--samples must be >= 2 (GRPO's group)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,8 @@ def main(args: Args) -> None:
                 str(args.eval_every), "--micro-batch-size", "16"]
     ppo = [*addition, "--batch-size", str(args.prompts * args.samples), "--mini-batch-size", "16"]
     family = [("ppo-clip", "ppo.py", ppo), ("ppo-penalty", "ppo.py", [*ppo, "--policy-loss", "penalty"]),
-              ("trpo", "trpo.py", [*addition, "--batch-size", str(args.prompts), "--group-size", str(args.samples)])]
+              ("trpo", "trpo.py", [*addition, "--batch-size", str(args.prompts), "--group-size", str(args.samples),
+                                   "--cg-iters", str(args.cg_iters)])]
     run_pairs(arms + (family if args.ppo_family else []), out, args)
 
     problems = [json.loads(line) for line in open(out / "eval.jsonl")]

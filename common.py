@@ -17,6 +17,7 @@ checkpoints, LoRA and model loading are plumbing, in plumbing.py, which imports 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -30,7 +31,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 
 
@@ -120,44 +120,77 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, greedy: bool = False, batch_size: int | None = None):
-    """Sample completions for a left-padded batch of prompts, `batch_size` rows per generate call, from exactly
+    """Sample completions for a left-padded batch of prompts, `batch_size` rows at a time, from exactly
     softmax(logits / temperature) (no top-k, no repetition penalty, whatever the checkpoint's generation config
-    says), optionally nucleus-filtered (top_p < 1).
+    says), optionally nucleus-filtered (top_p < 1); greedy: the most likely token.
 
-    Under FSDP every forward pass is collective: synced_gpus keeps a rank that is done stepping until all are.
+    Our own loop with a KV cache: each distinct prompt is computed once (a group's G rows share it), and a row stops
+    costing anything once it has emitted EOS. Under FSDP every forward pass is collective, so a rank keeps stepping,
+    on a dummy row if it has no other, until every rank is done.
 
     Returns completion_ids (B, C) with pad after the first EOS, completion_mask (B, C) up to and including that EOS,
     and truncated (B,), True where the completion hit max_new_tokens without an EOS."""
-    eos_ids = eos_token_ids(model, tokenizer)
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=eos_ids,
-                              pad_token_id=tokenizer.pad_token_id, **sampling)
-    # generate() fills unset options from the checkpoint's generation config (a repetition penalty, a top-k):
-    # hide it for the call, so tokens come from exactly the distribution that the log-probs below describe.
-    saved_config, model.generation_config = model.generation_config, GenerationConfig()
+    eos_ids = torch.tensor(eos_token_ids(model, tokenizer), device=prompt_ids.device)
     was_training = model.training
     model.eval()
     chunks = []
     try:
-        for i in range(0, len(prompt_ids), batch_size or len(prompt_ids)):
-            rows = slice(i, i + (batch_size or len(prompt_ids)))
-            try:
-                out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
-                                     generation_config=config, synced_gpus=is_sharded(model) and world_size() > 1)
-            except RuntimeError as e:  # torch.multinomial on NaN or infinite probabilities
-                if "probability tensor" in str(e):
-                    raise NonFiniteError(f"sampling: the policy's probabilities are not finite ({e}); its weights "
-                                         f"have diverged") from e
-                raise
-            chunks.append(out[:, prompt_ids.shape[1]:])
+        step = batch_size or len(prompt_ids)
+        for i in range(0, len(prompt_ids), step):
+            chunks.append(sample_rows(model, prompt_ids[i:i + step], prompt_mask[i:i + step], max_new_tokens,
+                                      eos_ids, tokenizer.pad_token_id, temperature, top_p, greedy))
     finally:
-        model.generation_config = saved_config
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     completion_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])
-    completion_mask, truncated = mask_after_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    return completion_ids, completion_mask, truncated
+    completion_mask, truncated = mask_after_eos(completion_ids, eos_ids.tolist())
+    return completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id), completion_mask, truncated
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """One token per row from logits (n, V): argmax, or a draw from softmax(logits / T), restricted to the smallest
+    set of most likely tokens whose mass reaches top_p when top_p < 1."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():
+        raise NonFiniteError("sampling: the policy's probabilities are not finite; its weights have diverged")
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def sample_rows(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_ids, pad_id: int, temperature: float,
+                top_p: float, greedy: bool) -> torch.Tensor:
+    """The sampling loop of `generate` for one chunk of rows: completion ids (n, <= max_new_tokens)."""
+    name, synced = cache_name(model), is_sharded(model) and world_size() > 1
+    cache, logits = prefill(model, prompt_ids, prompt_mask, *shared_prompts(prompt_ids, prompt_mask))
+    n = len(prompt_ids)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    finished = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
+    live = torch.arange(n, device=prompt_ids.device)  # rows still sampling, in the cache's order
+    positions, mask = prompt_mask.sum(-1), prompt_mask
+    for t in range(max_new_tokens):
+        picked = next_token(logits, temperature, top_p, greedy)
+        tokens[live, t] = picked  # (a row kept after its EOS writes past it: mask_after_eos drops that)
+        finished[live] |= torch.isin(picked, eos_ids)
+        done = bool(finished.all()) or t == max_new_tokens - 1
+        if synced:  # every rank steps until all are done: FSDP's forward passes are collective
+            done = all_reduce(float(not done)) == 0
+        if done:
+            break
+        keep = (~finished[live]).nonzero().squeeze(-1)
+        if len(keep) < len(live):  # rows that emitted EOS leave the batch and the cache
+            keep = keep if len(keep) else keep.new_zeros(1)  # (under FSDP a done rank steps on with one row)
+            live, picked, positions, mask = live[keep], picked[keep], positions[keep], mask[keep]
+            cache.reorder_cache(keep)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=positions[:, None] + t,
+                    use_cache=True, **{name: cache})
+        cache, logits = out[name], out.logits[:, -1]
+    return tokens[:, :t + 1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,22 +253,70 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return _TokenLogprobs.apply(logits, targets, temperature)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                        prompt_once: bool = True):
     """log pi(o_t | q, o_<t) for every completion token, and the policy's entropy there; both (B, C).
 
     Logits are divided by the sampling temperature so that pi here is the distribution the tokens were drawn from.
-    One `forward_pass`, of which only the completion's logits are computed (logits_to_keep). Values at masked
-    positions are meaningless: mask them."""
+    Values at masked positions are meaningless: mask them.
+
+    A prompt that several rows share (a group's G completions, DPO's chosen and rejected) is computed once: one
+    forward pass over the distinct prompts fills a KV cache, each row gets its prompt's cache (gradients flow back
+    through it), and a second pass runs the completions on top. The log-probs are those of one pass over
+    [prompt | completion] (`forward_pass`), to float rounding; `prompt_once=False` is that pass. Only the completion's
+    logits are computed (logits_to_keep)."""
     C = completion_ids.shape[1]
     # Skip columns that are padding in every row (a micro-batch of short sequences pays for its own length only).
     start = int(prompt_mask.any(0).long().argmax())
     end = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
     prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
     completion_ids, completion_mask = completion_ids[:, :end], completion_mask[:, :end]
-    logits = forward_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                          logits_to_keep=end + 1).logits[:, :-1]  # position t predicts token t+1
+    first, which = shared_prompts(prompt_ids, prompt_mask)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    if not prompt_once or len(first) == len(prompt_ids) or checkpointing:
+        # one pass; gradient checkpointing recomputes layers without a cache, so it takes this path too
+        logits = forward_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                              logits_to_keep=end + 1).logits[:, :-1]  # position t predicts token t+1
+    else:
+        cache, last = prefill(model, prompt_ids, prompt_mask, first, which)  # the last prompt position predicts o_1
+        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(end, device=completion_ids.device)
+        rest = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                     position_ids=positions, use_cache=True, logits_to_keep=end, **{cache_name(model): cache}).logits
+        logits = torch.cat([last[:, None], rest[:, :-1]], dim=1)
     logprobs, entropy = token_logprobs(logits, completion_ids, temperature)
     return F.pad(logprobs, (0, C - end)), F.pad(entropy, (0, C - end))
+
+
+def shared_prompts(prompt_ids, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, which): a row holding each distinct prompt of the batch, and for each row its prompt's index in first."""
+    distinct, which = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    rows = torch.arange(len(which), device=which.device)
+    return torch.full((len(distinct),), len(which), device=which.device).scatter_reduce(0, which, rows, "amin"), which
+
+
+def prefill(model, prompt_ids, prompt_mask, first, which):
+    """Each distinct prompt (rows `first`) through the model once, filling a KV cache; then every row's prompt's keys
+    and values (`which`), an index_select through which gradients flow, and the logits at its last position, (n, V).
+    Position ids count real tokens only, so left padding changes nothing."""
+    ids, mask = prompt_ids[first], prompt_mask[first]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                logits_to_keep=1)
+    cache = out[cache_name(model)]
+    cache.reorder_cache(which)
+    return cache, out.logits[which, -1]
+
+
+def cache_name(model) -> str:
+    """The KV cache's name in a model's forward and output: `cache` in newer transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def shuffled_groups(n_rows: int, group_size: int, device) -> torch.Tensor:
+    """The rows 0..n_rows-1 (groups of group_size adjacent rows) in a random order of whole groups: a micro-batch cut
+    from it holds whole groups, whose shared prompts completion_logprobs computes once."""
+    groups = torch.randperm(n_rows // group_size, device=device)
+    return (groups[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -407,8 +407,11 @@ def main(args: Args) -> dict:
         with reference_model(model, None if args.lora_rank else model) as pi_ref:
             if rows is None:  # the default: sample k completions per prompt from pi_ref; pair or rank them
                 rows, samples = sample_preferences(pi_ref, tokenizer, args, ranked, rng, device, dtype)
-            rows = with_ref_logprobs(pi_ref, tokenizer, rows, ranked, micro_batch_size, device, dtype, args)
-        rng.shuffle(rows)
+            rng.shuffle(rows)
+            # scored in the chunks eval_*_accuracy reads them in, held-out rows apart: at step 0 pi = pi_ref and
+            # every implicit-reward margin is exactly 0, not float noise of another batch layout
+            rows = [r for part in held_out_split(rows, args.held_out_pairs)
+                    for r in with_ref_logprobs(pi_ref, tokenizer, part, ranked, micro_batch_size, device, dtype, args)]
     output_dir = prepare_output_dir(args, checkpoint)
     if not checkpoint and is_main():  # rank 0 writes; every rank already holds the rows
         write_atomic(output_dir / f"{unit}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))

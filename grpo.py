@@ -47,7 +47,7 @@ import torch
 
 from common import (all_reduce, autocast, check_sum_row, completion_logprobs, decode, encode_prompts, evaluate,
                     forward_pass, gather, gather_objects, generate, is_correct, masked_mean, parse_number, rank, share,
-                    sum_steps, world_size)
+                    shuffled_groups, sum_steps, world_size)
 from plumbing import (SamplingArgs, Steps, all_reduce_gradients, at_least, between, check_args, check_finite,
                       clip_grad_norm, describe_run, distribute, exit_on_error, fit_to_batch, load_model, load_policy,
                       load_reward_model, log_metrics, log_samples, make_optimizer, parse_args, positive,
@@ -312,7 +312,7 @@ def main(args: Args) -> dict:
         model.train()
         stats = {k: [] for k in ("loss", "kl_k3", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}
         for _ in range(args.num_iterations):
-            for mini in torch.randperm(n_local, device=device).split(mini_batch_size // world_size()):
+            for mini in shuffled_groups(n_local, G, device).split(mini_batch_size // world_size()):
                 n_seq, n_tok, mini_loss = mini_batch_size, int(all_reduce(loss_mask[mini].sum())), 0.0  # global
                 if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn, and no step
                     continue  # (AdamW's momentum alone would still move the weights)

@@ -629,7 +629,10 @@ def parse_args(Args, description: str | None = None, argv: list[str] | None = No
                    for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
     if resume and (run_dir := _run_dir_of(Path(resume))) is not None:
         default = Args(**_saved_args(run_dir, Args))
-    return cli(_own_flags_first(Args), argv, default=default, description=description)
+    args = cli(_own_flags_first(Args), argv, default=default, description=description)
+    given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+    args.cpu_sized = cpu_sized(args, Path(sys.modules[Args.__module__].__file__).stem, given)
+    return args
 
 
 def cli(Args, argv: list[str] | None = None, **kwargs):
@@ -1009,7 +1012,9 @@ def prepare_output_dir(args, checkpoint: Path | None) -> Path:
     _CLOCK[1] = 0.0
     step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else 0
     run_dir = _run_dir_of(Path(args.resume)) if args.resume is not None else None
-    record = vars(args) if run_dir is None else dict(vars(args), resume=_saved_args(run_dir, type(args))["resume"])
+    record = _as_json(args)
+    if run_dir is not None:
+        record["resume"] = _saved_args(run_dir, type(args))["resume"]
     record = dict(record, world_size=world_size())  # the processes of the run (of its latest start, if resumed)
     if run_dir is None:
         try:
@@ -1213,7 +1218,8 @@ def _saved_args(run_dir: Path, Args) -> dict:
 
 
 def _as_json(args) -> dict:
-    return json.loads(json.dumps(vars(args), default=str))
+    """The flags (the dataclass's fields; not what parse_args notes beside them, such as cpu_sized) as JSON values."""
+    return json.loads(json.dumps({f.name: getattr(args, f.name) for f in dataclasses.fields(args)}, default=str))
 
 
 def _holds_a_run(directory: Path) -> bool:
@@ -1455,20 +1461,43 @@ def _duration(seconds: float) -> str:
 
 # ---- the start: what runs where, and, on a CPU, how to see learning soon ---------------------------------------
 
-# What shows learning on a CPU in about ten minutes, with the default model (README: a first run on a CPU).
-CPU_FIRST_RUN = {
-    "grpo": ("python grpo.py --batch-size 8 --group-size 8 --max-steps 10 --eval-every 5 --eval-size 50",
-             "held-out accuracy 14% -> 50% after 5 steps (7 min) -> 52% after 10 (13 min), on 2 cores"),
-    "sft": ("python sft.py --batch-size 32 --max-steps 25 --eval-every 25 --eval-size 50",
-            "held-out accuracy 17% -> ~70% after 25 steps (~7 min on 2 cores)"),
-    "reinforce": ("python reinforce.py --baseline rloo --batch-size 8 --group-size 8 --max-steps 10 --eval-every 5 "
-                  "--eval-size 50", "held-out accuracy 17% -> ~59% after 10 steps (~11 min on 2 cores)"),
+# A first run on a CPU. The Args defaults are a GPU's: there a step takes minutes. A run started on a CPU (not a
+# --resume) takes these sizes instead, each unless its flag is given, so that its first step starts within about a
+# minute and it learns within minutes on 2 cores (README: a first run on a CPU). They are recorded in args.json.
+# Micro-batches of whole groups are large on purpose: a group's prompt is computed once, and the passes over its
+# completions alone are small matrix products, which a CPU runs at ~60% of its rate in 16 rows and >80% in 64.
+CPU_SIZES = {
+    "grpo": dict(batch_size=8, group_size=8, micro_batch_size=64, max_steps=10, eval_every=5, eval_size=32),
+    "gspo": dict(batch_size=8, group_size=8, max_steps=10, eval_every=5, eval_size=32),
+    "grpo_iterative": dict(batch_size=8, group_size=8, micro_batch_size=64, max_steps=10, eval_every=5, eval_size=32),
+    "reinforce": dict(batch_size=8, group_size=8, micro_batch_size=64, max_steps=10, eval_every=5, eval_size=32),
+    "trpo": dict(batch_size=4, group_size=8, micro_batch_size=32, max_steps=10, eval_every=5, eval_size=32,
+                 cg_iters=5),
+    "rft": dict(batch_size=16, num_prompts=32, num_samples=8, max_steps=10, eval_every=5, eval_size=32),
+    "ppo": dict(batch_size=32, max_steps=10, eval_every=5, eval_size=32),
+    "sft": dict(batch_size=32, max_steps=25, eval_every=5, eval_size=32),
+    "dpo": dict(num_prompts=64, batch_size=16, max_steps=20, eval_every=5, eval_size=32),
+    "reward": dict(batch_size=16, max_steps=20, eval_every=5),
 }
+
+
+def cpu_sized(args, script: str, given: set[str]) -> dict:
+    """On a CPU, CPU_SIZES[script] for each size whose flag was not given (and that has an effect with the flags
+    that were: --num-prompts not with rft's --online or dpo's --data); returns what it set."""
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if args.resume is not None or not device.startswith("cpu"):
+        return {}
+    sizes = {k: v for k, v in CPU_SIZES.get(script, {}).items() if k not in given and hasattr(args, k)}
+    if getattr(args, "online", False) or script == "dpo" and args.data is not None:
+        sizes.pop("num_prompts", None)
+    for k, v in sizes.items():
+        setattr(args, k, v)
+    return sizes
 
 
 def describe_run(script: str, args, model, device, dtype, batch: str) -> None:
     """One line at the start: device, dtype, parameters (trained ones too), the effective batch and the processes;
-    on a CPU with the GPU-sized defaults, what to run instead to see learning in about ten minutes."""
+    and the CPU sizes the run took, if it did."""
     if not is_main():
         return
     total = sum(p.numel() for p in model.parameters())
@@ -1477,12 +1506,11 @@ def describe_run(script: str, args, model, device, dtype, batch: str) -> None:
     tqdm.write(f"{script}: {where}, {str(dtype).removeprefix('torch.')} compute, {total / 1e6:.1f}M parameters "
                f"({trained / 1e6:.1f}M trained{', LoRA' if is_lora(model) else ''}), batch: {batch}"
                f"{f', {world_size()} processes' if world_size() > 1 else ''}")
-    defaults = type(args)()
-    if device.type == "cpu" and args.resume is None and args.model == DEFAULT_MODEL \
-            and args.batch_size == defaults.batch_size and args.max_steps == defaults.max_steps:
-        command, expect = CPU_FIRST_RUN.get(script, CPU_FIRST_RUN["grpo"])
-        tqdm.write(f"note: these defaults are sized for a GPU; on a CPU a step takes minutes. To see learning in "
-                   f"about ten minutes here, run\n    {command}\n({expect}; README: a first run on a CPU)",
+    sized = getattr(args, "cpu_sized", {})
+    if sized:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sized.items())
+        gpu = " ".join(f"--{k.replace('_', '-')} {type(args).__dataclass_fields__[k].default}" for k in sized)
+        tqdm.write(f"note: on a CPU, sizes that fit it: {flags} (a GPU's defaults: {gpu}; any flag you give wins)",
                    file=sys.stderr)
 
 

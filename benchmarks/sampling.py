@@ -1,5 +1,6 @@
-"""Rollout speed: completion tokens per second of plain `generate` (what the scripts use) at several batch sizes, and
-of transformers' static KV cache, with and without `torch.compile`, on the default model and the built-in task.
+"""Rollout speed: completion tokens per second of transformers' `generate` at several batch sizes, and of its static
+KV cache, with and without `torch.compile`, on the default model and the built-in task. (The scripts sample with
+common.generate, their own loop: benchmarks/roofline.py sets the two side by side.)
 
     python benchmarks/sampling.py --batch-sizes 16 64 128 --out benchmarks/results
 

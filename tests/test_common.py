@@ -87,19 +87,108 @@ def test_logprobs_identical_with_left_and_right_padding(model_and_batch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_sampled_tokens_are_scored_with_the_distribution_they_were_drawn_from(model_and_batch):
-    """generate() with temperature, left padding, top_k off: its processed scores equal completion_logprobs."""
+def test_logprobs_under_bf16_autocast_stay_fp32_and_close_to_fp32s(model_and_batch):
+    """--dtype bfloat16 on a CPU: the matmuls run in bf16 under autocast, the log-probs come out in fp32, within bf16's
+    rounding of the fp32 ones, and gradients reach the fp32 weights."""
+    model, _, prompt_ids, prompt_mask, completion_ids, completion_mask = model_and_batch
+    batch = (prompt_ids.repeat_interleave(2, 0), prompt_mask.repeat_interleave(2, 0),
+             completion_ids.repeat_interleave(2, 0), completion_mask.repeat_interleave(2, 0))
+    full, _ = common.completion_logprobs(model, *batch)
+    with common.autocast(torch.device("cpu"), torch.bfloat16):
+        half, _ = common.completion_logprobs(model, *batch)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    torch.testing.assert_close(half * batch[3], full * batch[3], rtol=0.05, atol=0.05)
+    model.zero_grad()
+    (half * batch[3]).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("layout", ["groups", "shuffled", "pairs"])
+def test_a_shared_prompt_is_computed_once_with_the_same_logprobs_and_gradients(model_and_batch, layout):
+    """Rows that share a prompt (a group's completions, adjacent or not; DPO's chosen rows then rejected rows): the
+    prompt-once path gives the one-pass log-probs, entropies and gradients to fp32 rounding, while the model body
+    computes each distinct prompt's positions once."""
     model, tokenizer, prompt_ids, prompt_mask, _, _ = model_and_batch
+    G = 4
     torch.manual_seed(0)
-    config = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              return_dict_in_generate=True, output_scores=True)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
-    mask, _ = common.mask_after_eos(completion_ids, [tokenizer.eos_token_id])
-    scores = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
-    lp, _ = common.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask, 0.7)
-    torch.testing.assert_close(lp * mask, scores * mask, rtol=1e-4, atol=1e-5)
+    completions = ["".join(random.Random(i).choice("0123456789 ab") for _ in range(1 + i % 7)) for i in range(3 * G)]
+    c_ids, c_mask = common.encode_completions(tokenizer, completions)
+    rows = torch.arange(3).repeat_interleave(G)  # prompt of each row
+    if layout == "shuffled":
+        rows = rows[torch.randperm(len(rows))]
+    elif layout == "pairs":
+        rows, c_ids, c_mask = torch.tensor([0, 1, 2, 0, 1, 2]), c_ids[:6], c_mask[:6]
+    batch = (prompt_ids[rows], prompt_mask[rows], c_ids, c_mask)
+    positions = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: positions.append(i[0].numel()))
+    results = []
+    try:
+        for once in (False, True):
+            positions.clear()
+            model.zero_grad()
+            lp, h = common.completion_logprobs(model, *batch, temperature=0.8, prompt_once=once)
+            ((lp * c_mask).sum() + 0.5 * (h * c_mask).sum()).backward()
+            results.append((lp * c_mask, h * c_mask, [p.grad.clone() for p in model.parameters()], sum(positions)))
+    finally:
+        hook.remove()
+        model.zero_grad()
+    (lp1, h1, g1, n1), (lp2, h2, g2, n2) = results
+    torch.testing.assert_close(lp2, lp1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, h1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    start = int(batch[1].any(0).long().argmax())  # both paths skip columns that are padding in every row
+    P, C = batch[0].shape[1] - start, int(c_mask.any(0).nonzero().max()) + 1
+    assert n1 == len(rows) * (P + C) and n2 == len(set(rows.tolist())) * P + len(rows) * C
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_tokens_are_scored_with_the_distribution_they_were_drawn_from(model_and_batch, monkeypatch,
+                                                                              temperature):
+    """The sampling loop (prompts computed once, finished rows dropped, left padding): the distribution each token was
+    drawn from, as handed to torch.multinomial, gives every sampled token the log-prob completion_logprobs gives it."""
+    model, tokenizer, prompt_ids, prompt_mask, _, _ = model_and_batch
+    draws = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n: draws.append(probs) or multinomial(probs, n))
+    torch.manual_seed(0)
+    group = (prompt_ids.repeat_interleave(3, 0), prompt_mask.repeat_interleave(3, 0))
+    ids, mask, _ = common.generate(model, tokenizer, *group, 8, temperature)
+    lp, _ = common.completion_logprobs(model, *group, ids, mask, temperature)
+    assert 0 < int(mask.sum(1).min()) < int(mask.sum(1).max())  # some rows finished early and left the batch
+    live = torch.arange(len(ids))
+    for t, probs in enumerate(draws):
+        live = live[:len(probs)] if t == 0 else live[mask[live, t].bool()]  # the rows still sampling at t
+        assert len(probs) == len(live)
+        drawn = probs[torch.arange(len(live)), ids[live, t]]
+        torch.testing.assert_close(drawn.log(), lp[live, t], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_token_frequencies_match_the_model_distribution(model_and_batch):
+    """Many one-token completions of one prompt: the empirical frequencies match exp(log-prob): the chi-square
+    statistic within 3 standard deviations of its mean (seeded); a distribution off by a temperature fails it."""
+    model, tokenizer, prompt_ids, prompt_mask, _, _ = model_and_batch
+    n = 4000
+    torch.manual_seed(0)
+    ids, mask, _ = common.generate(model, tokenizer, prompt_ids[:1].expand(n, -1), prompt_mask[:1].expand(n, -1), 1)
+    vocab = torch.arange(len(tokenizer))
+    lp, _ = common.completion_logprobs(model, prompt_ids[:1].expand(len(vocab), -1),
+                                       prompt_mask[:1].expand(len(vocab), -1), vocab[:, None],
+                                       torch.ones(len(vocab), 1, dtype=torch.long))
+    observed = torch.bincount(ids[:, 0], minlength=len(vocab)).float()
+
+    def chi2(logprobs):
+        expected = logprobs.exp() * n
+        big = expected >= 5  # the rare tokens, if any, pooled into one cell
+        e = torch.cat([expected[big], expected[~big].sum()[None]]) if (~big).any() else expected
+        o = torch.cat([observed[big], observed[~big].sum()[None]]) if (~big).any() else observed
+        return ((o - e) ** 2 / e).sum().item(), 3 * (2 * len(e)) ** 0.5 + len(e)  # statistic, mean df + 3 sd
+
+    value, bound = chi2(lp[:, 0].detach())
+    assert value < bound, (value, bound)
+    value, bound = chi2(torch.log_softmax(torch.log_softmax(lp[:, 0].detach(), 0) / 0.7, 0))  # T = 0.7's instead
+    assert value > bound, (value, bound)
 
 
 def test_generate_ignores_the_checkpoints_sampling_defaults(model_and_batch):
@@ -282,3 +371,10 @@ def test_default_model_loads_and_answers():
     ids, mask, truncated = common.generate(model, tokenizer, prompt_ids, prompt_mask, 16, greedy=True)
     text = common.decode(tokenizer, ids, mask)[0]
     assert not truncated[0] and common.is_correct(text, "5"), text
+    # a group of 4 sampled completions of the prompt: computed once, the prompt gives the one-pass log-probs
+    torch.manual_seed(0)
+    group = (prompt_ids.repeat(4, 1), prompt_mask.repeat(4, 1))
+    ids, mask, _ = common.generate(model, tokenizer, *group, 12, temperature=1.0)
+    once, _ = common.completion_logprobs(model, *group, ids, mask)
+    full, _ = common.completion_logprobs(model, *group, ids, mask, prompt_once=False)
+    torch.testing.assert_close(once * mask, full * mask, rtol=1e-4, atol=1e-4)

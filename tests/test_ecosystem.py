@@ -2,6 +2,7 @@
 with the adapters-off reference, tracking, sampled completions, the start-up line and timing: what users of TRL and
 CleanRL expect. Offline: tiny models, local files; a hub id is stood in for by a patched loader."""
 
+import importlib
 import inspect
 import json
 import re
@@ -282,12 +283,26 @@ def test_metrics_have_time_and_the_terminal_shows_time_per_step(tmp_path, tiny_m
     assert "' -> '" in out  # the samples shown at the evaluation step
 
 
-def test_a_cpu_user_with_the_defaults_is_told_what_to_run(capsys):
+@pytest.mark.parametrize("script", sorted(plumbing.CPU_SIZES))
+def test_a_run_started_on_a_cpu_takes_cpu_sizes_unless_a_flag_is_given(script, capsys):
+    """No size flags on a CPU: CPU_SIZES, said at the start; a flag given wins; on a GPU, or resuming, the defaults
+    stand. Every script's sizes pass its own flag checks."""
+    module = importlib.import_module(script)
+    Args, sizes = module.Args, plumbing.CPU_SIZES[script]
+    args = plumbing.parse_args(Args, argv=["--device", "cpu"])
+    assert args.cpu_sized == sizes and all(getattr(args, k) == v for k, v in sizes.items())
+    module.check_flags(args)  # the sizes fit together: micro-batches divide mini-batches, and so on
+    first = next(iter(sizes))
+    args = plumbing.parse_args(Args, argv=["--device", "cpu", f"--{first.replace('_', '-')}", "3"])
+    assert getattr(args, first) == 3 and first not in args.cpu_sized and len(args.cpu_sized) == len(sizes) - 1
+    args = plumbing.parse_args(Args, argv=["--device", "cuda"])
+    assert args.cpu_sized == {} and all(getattr(args, k) == getattr(Args(), k) for k in sizes)
+    args = plumbing.parse_args(Args, argv=["--device", "cpu"])
     model = make_model(make_tokenizer())
-    plumbing.describe_run("grpo", grpo.Args(), model, torch.device("cpu"), torch.float32, "16 prompts x 8 completions")
-    assert plumbing.CPU_FIRST_RUN["grpo"][0] in capsys.readouterr().err
-    plumbing.describe_run("grpo", grpo.Args(batch_size=4), model, torch.device("cpu"), torch.float32, "4 x 8")
-    assert "sized for a GPU" not in capsys.readouterr().err
+    plumbing.describe_run(script, args, model, torch.device("cpu"), torch.float32, "a batch")
+    err = capsys.readouterr().err
+    assert "note: on a CPU, sizes that fit it: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items()) \
+        in err and "any flag you give wins" in err
 
 
 def test_a_resume_drops_the_samples_logged_after_its_checkpoint(tmp_path, tiny_model_dir):

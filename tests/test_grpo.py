@@ -1,5 +1,6 @@
 """grpo.py: each equation against an independent computation, then learning end to end, then bad input."""
 
+import json
 import math
 
 import pytest
@@ -156,6 +157,15 @@ def test_grpo_learns_the_toy_task(tmp_path, tiny_model_dir):
     rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.8
+
+
+def test_grpo_learns_in_bf16_on_a_cpu(tmp_path, tiny_model_dir):
+    """--dtype bfloat16: the matmuls under autocast (a GPU's path, run here), the weights and log-probs in fp32."""
+    grpo.main(toy_args(tmp_path, tiny_model_dir, dtype="bfloat16"))
+    rewards = logged(tmp_path / "run", "reward_mean")
+    assert sum(rewards[:3]) / 3 < 0.15
+    assert sum(rewards[-4:]) / 4 > 0.6
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_grpo_with_several_iterations_kl_and_clip_higher_learns(tmp_path, tiny_model_dir):

@@ -274,8 +274,11 @@ def lora_model_dir(tmp_path_factory, tokenizer) -> str:
 
 
 def test_ppo_with_lora_learns_the_toy_task(tmp_path, lora_model_dir):
-    """Only the actor's adapters and the critic train. Seeds 0-5 all go from ~0.02 to ~0.9 in 25 steps."""
-    ppo.main(toy_args(tmp_path, lora_model_dir, max_steps=25, learning_rate=1e-2, lora_rank=8, lora_alpha=16))
+    """Only the actor's adapters and the critic train. The first right answers are rare (~2% of samples) and when
+    they come is luck: with 64 rollouts a step the last 4 steps' reward is 0.80, 0.74 and 0.45 for seeds 0, 2, 3 (the
+    last found its first ones late); with 32, seed 0 found none in 6 steps and never learned."""
+    ppo.main(toy_args(tmp_path, lora_model_dir, max_steps=25, learning_rate=1e-2, lora_rank=8, lora_alpha=16,
+                      batch_size=64, mini_batch_size=32))
     rewards = logged(tmp_path / "run", "reward_mean")
     assert sum(rewards[:3]) / 3 < 0.15
     assert sum(rewards[-4:]) / 4 > 0.7

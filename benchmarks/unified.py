@@ -3,7 +3,7 @@ model on the multi-step sum task, then from it RFT [RFT], online RFT [ONLINE-RFT
 [GRPO-ADV] and GRPO with process supervision [GRPO-PROCESS], each given the same number of sampled completions;
 beside them, on two-digit addition from the default model, PPO's clip and penalty variants and TRPO.
 
-    python benchmarks/unified.py                                # the settings below (about an hour on 2 CPU cores)
+    python benchmarks/unified.py                                # the settings below (1-2 hours on 2 CPU cores)
     python benchmarks/unified.py --steps 4 --out /tmp/unified    # a quick look
 
 1. SFT: `--sft-steps` steps of sft.py on worked sums (one partial sum per line) written from the task's training

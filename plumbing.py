@@ -594,14 +594,14 @@ def check_unused(args) -> None:
 
 
 def fit_to_batch(args, name: str, batch: int) -> None:
-    """A size flag left at its default that is larger than the batch it splits (a micro-batch, a mini-batch) is lowered
-    to that batch, with a note: it changes how the batch is cut into passes, not the math. A size set to anything
-    else is the user's, and is checked as given."""
-    default = type(args).__dataclass_fields__[name].default
-    if getattr(args, name) == default and default > batch:
+    """A size flag not given (its default, or a CPU size) that is larger than the batch it splits (a micro-batch, a
+    mini-batch) is lowered to that batch, with a note: it changes how the batch is cut into passes, not the math. A
+    size set to anything else is the user's, and is checked as given."""
+    value, default = getattr(args, name), type(args).__dataclass_fields__[name].default
+    if (value == default or name in getattr(args, "cpu_sized", {})) and value is not None and value > batch:
         setattr(args, name, batch)
-        note(f"--{name.replace('_', '-')} {default} (its default) is larger than the batch it splits, {batch}: "
-             f"using {batch}")
+        note(f"--{name.replace('_', '-')} {value} ({'its default' if value == default else 'a CPU size'}) is larger "
+             f"than the batch it splits, {batch}: using {batch}")
 
 
 def start_run(args, script: str, check_flags=None, global_sizes: tuple[str, ...] = ("batch_size", "micro_batch_size")):
@@ -1508,7 +1508,7 @@ def describe_run(script: str, args, model, device, dtype, batch: str) -> None:
                f"{f', {world_size()} processes' if world_size() > 1 else ''}")
     sized = getattr(args, "cpu_sized", {})
     if sized:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sized.items())
+        flags = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in sized)  # (as fit to the batch)
         gpu = " ".join(f"--{k.replace('_', '-')} {type(args).__dataclass_fields__[k].default}" for k in sized)
         tqdm.write(f"note: on a CPU, sizes that fit it: {flags} (a GPU's defaults: {gpu}; any flag you give wins)",
                    file=sys.stderr)

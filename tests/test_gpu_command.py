@@ -1,6 +1,6 @@
 """benchmarks/gpu.py, the one command a session lent a GPU runs: checked here on the tiny model, on a CPU, in bf16
 (through autocast), so that on the GPU the minutes go to measuring. Four scripts (a group method, PPO, DPO on pairs,
-RFT on the toy task) and the sampling and phase benchmarks; each script's own tests cover it in fp32."""
+online RFT on the toy task) and the sampling and phase benchmarks; each script's own tests cover it in fp32."""
 
 import json
 import subprocess
@@ -20,8 +20,8 @@ def test_the_gpu_command_runs_scripts_and_benchmarks_into_one_results_file(tmp_p
     done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--dtype", "bfloat16", "--tiny",
                            "--no-trl", "--model", tiny_model_dir, "--steps", "2", "--out", str(out),
                            "--scripts", "grpo", "ppo", "dpo", "rft",
-                           "--flags", f"dpo:--data={pairs}", f"rft:--data={toy}", "rft:--num-prompts=10",
-                           "rft:--num-samples=8", f"grpo:--data={toy}"],
+                           "--flags", f"dpo:--data={pairs}", f"rft:--data={toy}", "rft:--online",
+                           f"grpo:--data={toy}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "gpu.json").read_text())

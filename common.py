@@ -124,9 +124,8 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, tem
     softmax(logits / temperature) (no top-k, no repetition penalty, whatever the checkpoint's generation config
     says), optionally nucleus-filtered (top_p < 1); greedy: the most likely token.
 
-    Our own loop with a KV cache: each distinct prompt is computed once (a group's G rows share it), and a row stops
-    costing anything once it has emitted EOS. Under FSDP every forward pass is collective, so a rank keeps stepping,
-    on a dummy row if it has no other, until every rank is done.
+    Our own loop with a KV cache: each distinct prompt computed once, a row out of the batch once it emits EOS; under
+    FSDP (collective forward passes) a rank keeps stepping, on a dummy row if it has no other, until all are done.
 
     Returns completion_ids (B, C) with pad after the first EOS, completion_mask (B, C) up to and including that EOS,
     and truncated (B,), True where the completion hit max_new_tokens without an EOS."""
@@ -167,10 +166,9 @@ def sample_rows(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_ids, pa
     """The sampling loop of `generate` for one chunk of rows: completion ids (n, <= max_new_tokens)."""
     name, synced = cache_name(model), is_sharded(model) and world_size() > 1
     cache, logits = prefill(model, prompt_ids, prompt_mask, *shared_prompts(prompt_ids, prompt_mask))
-    n = len(prompt_ids)
-    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
-    finished = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
-    live = torch.arange(n, device=prompt_ids.device)  # rows still sampling, in the cache's order
+    tokens = torch.full((len(prompt_ids), max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+    live = torch.arange(len(prompt_ids), device=prompt_ids.device)  # rows still sampling, in the cache's order
     positions, mask = prompt_mask.sum(-1), prompt_mask
     for t in range(max_new_tokens):
         picked = next_token(logits, temperature, top_p, greedy)
@@ -194,8 +192,7 @@ def sample_rows(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_ids, pa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Log-probs: one forward pass over [prompt | completion], and the log-probs and entropies of the completion's
-# tokens
+# Log-probs of the completion's tokens and entropies there: each distinct prompt once, then the completions on top
 # ---------------------------------------------------------------------------------------------------------------
 
 def forward_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kwargs):
@@ -260,11 +257,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     Logits are divided by the sampling temperature so that pi here is the distribution the tokens were drawn from.
     Values at masked positions are meaningless: mask them.
 
-    A prompt that several rows share (a group's G completions, DPO's chosen and rejected) is computed once: one
-    forward pass over the distinct prompts fills a KV cache, each row gets its prompt's cache (gradients flow back
-    through it), and a second pass runs the completions on top. The log-probs are those of one pass over
-    [prompt | completion] (`forward_pass`), to float rounding; `prompt_once=False` is that pass. Only the completion's
-    logits are computed (logits_to_keep)."""
+    A prompt that several rows share (a group's G completions, DPO's chosen and rejected) is computed once (`prefill`,
+    gradients flow back through its cache), then the completions on top: the log-probs of one pass over [prompt |
+    completion] (`forward_pass`, `prompt_once=False`) to float rounding. Only the completions' logits are computed."""
     C = completion_ids.shape[1]
     # Skip columns that are padding in every row (a micro-batch of short sequences pays for its own length only).
     start = int(prompt_mask.any(0).long().argmax())
@@ -295,9 +290,8 @@ def shared_prompts(prompt_ids, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def prefill(model, prompt_ids, prompt_mask, first, which):
-    """Each distinct prompt (rows `first`) through the model once, filling a KV cache; then every row's prompt's keys
-    and values (`which`), an index_select through which gradients flow, and the logits at its last position, (n, V).
-    Position ids count real tokens only, so left padding changes nothing."""
+    """Each distinct prompt (rows `first`) through the model once, filling a KV cache; then for every row (`which`)
+    its prompt's keys and values (differentiable) and last position's logits (n, V). Positions count real tokens."""
     ids, mask = prompt_ids[first], prompt_mask[first]
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                 logits_to_keep=1)
@@ -313,8 +307,7 @@ def cache_name(model) -> str:
 
 
 def shuffled_groups(n_rows: int, group_size: int, device) -> torch.Tensor:
-    """The rows 0..n_rows-1 (groups of group_size adjacent rows) in a random order of whole groups: a micro-batch cut
-    from it holds whole groups, whose shared prompts completion_logprobs computes once."""
+    """Rows 0..n_rows-1 in a random order of whole groups (adjacent rows), so a micro-batch shares its prompts."""
     groups = torch.randperm(n_rows // group_size, device=device)
     return (groups[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
 
